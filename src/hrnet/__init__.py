@@ -1,0 +1,10 @@
+"""hrnet: the HRNet image classifiers of the MMClassification model zoo, exact and fast."""
+
+from .errors import HRNetError, UnknownModelError
+from .models import count_flops, count_params, create_model, get_model_info, list_models
+
+__version__ = "0.1.0"
+__all__ = [
+    "HRNetError", "UnknownModelError", "count_flops", "count_params", "create_model", "get_model_info",
+    "list_models",
+]

@@ -1,0 +1,287 @@
+"""HRNet-C classifier and multi-resolution feature extractor.
+
+Module names follow the official HRNet-Image-Classification layout (also timm's), so those
+state dicts load by name. The head convs carry no bias (the mmcls layout): a bias before
+BatchNorm is redundant, and official/timm biases fold exactly into BN's running mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import EXPANSION, Arch, Stage
+
+BN_MOMENTUM = 0.1
+FeatureLocation = Literal["incre", ""]
+
+
+def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, relu: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
+        nn.BatchNorm2d(cout, momentum=BN_MOMENTUM),
+    ]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        return self.relu(x + shortcut)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4, momentum=BN_MOMENTUM)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        return self.relu(x + shortcut)
+
+
+BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
+def make_layer(block: str, inplanes: int, planes: int, blocks: int) -> nn.Sequential:
+    """A residual stack; the first block gets a 1x1 projection when the width changes."""
+    cls = BLOCKS[block]
+    out = planes * cls.expansion
+    downsample = conv_bn(inplanes, out, kernel=1, relu=False) if inplanes != out else None
+    layers = [cls(inplanes, planes, downsample=downsample)]
+    layers += [cls(out, planes) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+def fuse_up(cin: int, cout: int, factor: int) -> nn.Sequential:
+    """Lower resolution j to higher resolution i: 1x1 conv + BN, then nearest upsample x2^(j-i)."""
+    return nn.Sequential(*conv_bn(cin, cout, kernel=1, relu=False), nn.Upsample(scale_factor=factor, mode="nearest"))
+
+
+def fuse_down(cin: int, cout: int, steps: int) -> nn.Sequential:
+    """Higher resolution j to lower resolution i: a chain of stride-2 3x3 convs, ReLU between."""
+    chain = [conv_bn(cin, cin, stride=2) for _ in range(steps - 1)]
+    chain.append(conv_bn(cin, cout, stride=2, relu=False))
+    return nn.Sequential(*chain)
+
+
+class HRModule(nn.Module):
+    """Parallel branches followed by all-to-all fusion of their resolutions."""
+
+    def __init__(self, stage: Stage, in_channels: tuple[int, ...]):
+        super().__init__()
+        out = stage.out_channels
+        self.branches = nn.ModuleList(
+            make_layer(stage.block, cin, w, stage.blocks) for cin, w in zip(in_channels, stage.widths)
+        )
+        n = stage.branches
+        self.fuse_layers = nn.ModuleList(
+            nn.ModuleList(
+                fuse_up(out[j], out[i], 2 ** (j - i)) if j > i
+                else nn.Identity() if j == i
+                else fuse_down(out[j], out[i], i - j)
+                for j in range(n)
+            )
+            for i in range(n)
+        ) if n > 1 else nn.ModuleList()
+        self.relu = nn.ReLU(inplace=False)
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        xs = [branch(x) for branch, x in zip(self.branches, xs)]
+        if not self.fuse_layers:
+            return xs
+        fused = []
+        for fuse in self.fuse_layers:
+            y = fuse[0](xs[0])
+            for f, x in zip(fuse[1:], xs[1:]):
+                y = y + f(x)
+            fused.append(self.relu(y))
+        return fused
+
+
+class StageSequence(nn.Sequential):
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
+        for module in self:
+            xs = module(xs)
+        return xs
+
+
+def make_transition(prev: tuple[int, ...], cur: tuple[int, ...]) -> nn.ModuleList:
+    """Keep (or re-width) existing branches; each new branch is a stride-2 conv of the last one."""
+    layers: list[nn.Module] = []
+    for i, c in enumerate(cur):
+        if i < len(prev):
+            layers.append(nn.Identity() if prev[i] == c else conv_bn(prev[i], c))
+        else:
+            layers.append(nn.Sequential(*[conv_bn(prev[-1], c if k == i - len(prev) else prev[-1], stride=2)
+                                          for k in range(i + 1 - len(prev))]))
+    return nn.ModuleList(layers)
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over H and W; exports to ONNX with any input size (no data-dependent kernel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    index: int  # 0: the stride-2 stem, 1..4: the branches at strides 4..32
+    channels: int
+    stride: int
+    module: str
+
+
+class HRNet(nn.Module):
+    """HRNet-C. ``head="classification"`` is the classifier; ``"incre"`` and ``""`` stop early
+    (used by :class:`HRNetFeatures`)."""
+
+    def __init__(self, arch: Arch, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
+                 head: Literal["classification", "incre", ""] = "classification"):
+        super().__init__()
+        self.arch = arch
+        self.num_classes = num_classes
+        self.conv1 = nn.Conv2d(in_chans, arch.stem_width, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(arch.stem_width, momentum=BN_MOMENTUM)
+        self.conv2 = nn.Conv2d(arch.stem_width, 64, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
+        self.relu = nn.ReLU(inplace=True)
+
+        s1 = arch.stages[0]
+        self.layer1 = make_layer(s1.block, 64, s1.widths[0], s1.blocks)
+        channels = s1.out_channels
+        for n, stage in enumerate(arch.stages[1:], start=2):
+            setattr(self, f"transition{n - 1}", make_transition(channels, stage.out_channels))
+            # transitions already bring every branch to the stage's width
+            setattr(self, f"stage{n}", StageSequence(*(HRModule(stage, stage.out_channels) for _ in range(stage.modules))))
+            channels = stage.out_channels
+
+        self.feature_info = [FeatureInfo(0, arch.stem_width, 2, "conv1")]
+        if head:
+            incre = arch.incre_channels
+            self.incre_modules = nn.ModuleList(
+                make_layer("bottleneck", c, w, 1) for c, w in zip(channels, arch.head_widths))
+            self.feature_info += [FeatureInfo(i + 1, c, 4 * 2**i, f"incre_modules.{i}") for i, c in enumerate(incre)]
+        else:
+            self.feature_info += [FeatureInfo(i + 1, c, 4 * 2**i, f"stage4.{i}") for i, c in enumerate(channels)]
+        if head == "classification":
+            incre = arch.incre_channels
+            self.downsamp_modules = nn.ModuleList(
+                conv_bn(incre[i], incre[i + 1], stride=2) for i in range(len(incre) - 1))
+            self.final_layer = conv_bn(incre[-1], arch.num_features, kernel=1)
+            self.num_features = arch.num_features
+            self.global_pool = GlobalAvgPool()
+            self.drop_rate = drop_rate
+            self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (stride-2 features, stride-4 features)."""
+        s2 = self.relu(self.bn1(self.conv1(x)))
+        return s2, self.relu(self.bn2(self.conv2(s2)))
+
+    def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four parallel branches (C, 2C, 4C, 8C channels at strides 4..32) from stride-4 stem features."""
+        xs = [self.layer1(x)]
+        for n in (2, 3, 4):
+            transition = getattr(self, f"transition{n - 1}")
+            xs = [t(xs[i] if i < len(xs) else xs[-1]) for i, t in enumerate(transition)]
+            xs = getattr(self, f"stage{n}")(xs)
+        return xs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 2048-channel stride-32 map that the classifier pools."""
+        xs = self.branches(self.stem(x)[1])
+        y = self.incre_modules[0](xs[0])
+        for incre, down, x_i in zip(self.incre_modules[1:], self.downsamp_modules, xs[1:]):
+            y = incre(x_i) + down(y)
+        return self.final_layer(y)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the Linear layer (``num_classes=0`` leaves the pooled features as output)."""
+        self.num_classes = num_classes
+        ref = self.final_layer[0].weight
+        self.classifier = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                           if num_classes else nn.Identity())
+
+
+class HRNetFeatures(HRNet):
+    """Multi-resolution feature extractor: returns a list of maps, one per ``out_indices`` entry.
+
+    ``feature_location="incre"`` gives the head's 128/256/512/1024-channel maps; ``""`` the raw
+    branches (C, 2C, 4C, 8C). Index 0 is the stride-2 stem; 1..4 are strides 4, 8, 16, 32.
+    """
+
+    def __init__(self, arch: Arch, in_chans: int = 3, out_indices: tuple[int, ...] = (1, 2, 3, 4),
+                 feature_location: FeatureLocation = "incre"):
+        if feature_location not in ("incre", ""):
+            raise ValueError(f"feature_location must be 'incre' or '', got {feature_location!r}")
+        out_indices = tuple(out_indices)
+        if not out_indices or any(i not in range(5) for i in out_indices) or len(set(out_indices)) != len(out_indices):
+            raise ValueError(f"out_indices must be distinct values in 0..4, got {out_indices}")
+        super().__init__(arch, num_classes=0, in_chans=in_chans, head=feature_location)
+        self.out_indices = tuple(sorted(out_indices))
+        self.feature_info = [f for f in self.feature_info if f.index in self.out_indices]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        s2, s4 = self.stem(x)
+        xs = self.branches(s4)
+        if hasattr(self, "incre_modules"):
+            xs = [incre(f) for incre, f in zip(self.incre_modules, xs)]
+        feats = [s2, *xs]
+        return [feats[i] for i in self.out_indices]
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        return self.forward(x)
