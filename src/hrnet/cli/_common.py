@@ -29,3 +29,20 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """NAME plus where its weights come from: the zoo's published file, or --checkpoint."""
+    p.add_argument("name", metavar="NAME", help="model name or alias (see 'hrnet list')")
+    p.add_argument("--checkpoint", metavar="PATH_OR_URL",
+                   help="weights to load instead of the published ones: any supported format")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def load_model(args: argparse.Namespace, **kwargs: Any):
+    """The model named on the command line, with --checkpoint or else the published weights, in eval mode."""
+    from ..engine.distributed import default_device
+    from ..models import create_model
+
+    model = create_model(args.name, pretrained=args.checkpoint is None, checkpoint=args.checkpoint, **kwargs)
+    return model.to(args.device or default_device()).eval()

@@ -1,0 +1,1 @@
+"""Evaluation, training and the distributed plumbing they share."""
