@@ -1,0 +1,13 @@
+"""Images in, tensors out: robust decoding, labelled datasets, and the exact mmcls eval transform."""
+
+from .dataset import (IMAGE_EXTENSIONS, Batch, DatasetError, Failed, ImageDataset, ImageList, Sample, collate,
+                      find_images, is_image_file)
+from .decode import ImageReadError, load_image
+from .imagenet import class_names, imagenet_names, imagenet_wnids
+from .transforms import EvalTransform, TransformConfigError, eval_transform
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "Batch", "DatasetError", "EvalTransform", "Failed", "ImageDataset", "ImageList",
+    "ImageReadError", "Sample", "TransformConfigError", "class_names", "collate", "eval_transform",
+    "find_images", "imagenet_names", "imagenet_wnids", "is_image_file", "load_image",
+]

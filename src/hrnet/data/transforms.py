@@ -1,0 +1,91 @@
+"""The evaluation transform of MMClassification, pixel for pixel.
+
+mmcls's test pipeline for the HRNet zoo is ``Resize(size=(256, -1), backend='pillow')``,
+``CenterCrop(224)``, ``Normalize(mean, std, to_rgb=True)``. Concretely:
+
+1. the short edge becomes ``resize_size`` and the long edge ``int(resize_size * long / short)``
+   (truncated), with PIL's bilinear ``Image.resize`` (what mmcv's ``imresize(backend='pillow')`` calls);
+2. a centre crop of ``input_size`` whose offset is ``int(round((size - crop) / 2))`` (Python rounding);
+3. float32 ``(x - mean) / std`` on 0..255 values, as a CHW tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import HRNetError
+from ..models.zoo import EvalConfig
+
+# Above this many resized pixels (an extreme panorama), resample only the crop window through
+# PIL's ``box`` argument instead of materialising the whole resized image.
+_MAX_RESIZED_PIXELS = 1 << 24
+
+
+class TransformConfigError(HRNetError):
+    """An --input-size or --crop-pct that cannot describe a crop."""
+
+
+def resize_dims(width: int, height: int, short: int) -> tuple[int, int]:
+    """mmcls ``Resize(size=(short, -1))``: the short edge to ``short``, the long edge truncated."""
+    if width < height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
+def crop_offset(size: int, crop: int) -> int:
+    """mmcls ``CenterCrop``'s offset: ``int(round((size - crop) / 2))``, never negative."""
+    return max(0, int(round((size - crop) / 2.0)))
+
+
+class EvalTransform:
+    """PIL RGB image -> normalised float32 CHW tensor, exactly as mmcls evaluates."""
+
+    def __init__(self, input_size: int = 224, resize_size: int = 256,
+                 mean: tuple[float, ...] = EvalConfig.mean, std: tuple[float, ...] = EvalConfig.std):
+        if not 0 < input_size <= resize_size:
+            raise TransformConfigError(
+                f"crop {input_size} must be positive and no larger than the resized short edge {resize_size}")
+        self.input_size, self.resize_size = input_size, resize_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    @classmethod
+    def from_config(cls, cfg: EvalConfig, input_size: int | None = None,
+                    crop_pct: float | None = None) -> EvalTransform:
+        """The record's pipeline; ``input_size`` and/or ``crop_pct`` override it, and the resize
+        becomes ``floor(input_size / crop_pct)`` (timm's rule) when either is given."""
+        if input_size is None and crop_pct is None:
+            return cls(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std)
+        size = cfg.input_size if input_size is None else input_size
+        pct = cfg.crop_pct if crop_pct is None else crop_pct
+        if not 0 < pct <= 1:
+            raise TransformConfigError(f"--crop-pct must be in (0, 1], got {pct}")
+        return cls(size, math.floor(size / pct), cfg.mean, cfg.std)
+
+    def crop(self, img: Image.Image) -> Image.Image:
+        """Resize and centre-crop: the pixels the model sees, before normalisation."""
+        w, h = img.size
+        nw, nh = resize_dims(w, h, self.resize_size)
+        c = self.input_size
+        x, y = crop_offset(nw, c), crop_offset(nh, c)
+        if nw * nh <= _MAX_RESIZED_PIXELS:
+            return img.resize((nw, nh), Image.BILINEAR).crop((x, y, x + c, y + c))
+        sx, sy = w / nw, h / nh
+        return img.resize((c, c), Image.BILINEAR, box=(x * sx, y * sy, (x + c) * sx, (y + c) * sy))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        arr = torch.from_numpy(np.asarray(self.crop(img), dtype=np.uint8).copy())
+        return (arr.permute(2, 0, 1).float() - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(resize_short={self.resize_size}, bilinear, center_crop={self.input_size})"
+
+
+def eval_transform(model_or_cfg, input_size: int | None = None, crop_pct: float | None = None) -> EvalTransform:
+    """The evaluation transform of a model built by ``create_model`` (or of an ``EvalConfig``)."""
+    cfg = model_or_cfg if isinstance(model_or_cfg, EvalConfig) else model_or_cfg.pretrained_cfg.eval
+    return EvalTransform.from_config(cfg, input_size, crop_pct)
