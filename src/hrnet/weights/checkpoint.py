@@ -1,0 +1,160 @@
+"""Loading weights into a model from any supported source, and hrnet's own checkpoint format.
+
+hrnet's format is a safetensors file whose string metadata names the format, architecture,
+class count, hrnet version and (after a conversion) the source file's SHA-256. A hub directory
+holds the same file as ``model.safetensors`` next to a ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+from ..models.arch import ARCHS, Arch
+from ..models.zoo import MODELS, ModelRecord
+from .download import fetch, is_url
+from .errors import CheckpointError, KeyMismatchError
+from .formats import (LAYOUTS, StateDict, check, convert, describe_mismatch, detect_layout, infer_arch, mismatch,
+                      state_dict_of)
+from .safe import HUB_CONFIG, HUB_WEIGHTS, read_file
+
+Source = ModelRecord | str | os.PathLike
+RESERVED = ("format", "arch", "num_classes", "hrnet_version")
+CLASSIFIER = ("classifier.weight", "classifier.bias")
+
+
+def local_path(source: Source, *, progress: bool = True) -> Path:
+    """A local file or directory for ``source``: a record's or URL's weights are fetched into the cache."""
+    if isinstance(source, ModelRecord):
+        return fetch(source.url, source.filename, progress=progress)
+    if is_url(source):
+        return fetch(str(source), progress=progress)
+    return Path(source)
+
+
+def read_state_dict(path: Path, layout: str = "auto") -> tuple[StateDict, dict[str, str], str]:
+    """The tensors of a checkpoint in its writer's names, its metadata, and the layout found in it."""
+    if layout not in ("auto", *LAYOUTS):
+        raise ValueError(f"unknown layout {layout!r}; one of auto, {', '.join(LAYOUTS)}")
+    obj, metadata = read_file(path)
+    sd = state_dict_of(obj, str(path))
+    found = detect_layout(sd, metadata, str(path))
+    if layout != "auto" and found != layout and {found, layout} != {"official", "timm"}:
+        raise CheckpointError(f"{path}: is a {found} checkpoint, not {layout}")
+    return sd, metadata, found
+
+
+def models_of(arch: Arch) -> str:
+    """The zoo names built on ``arch``, for messages."""
+    return ", ".join(r.name for r in MODELS.values() if r.arch == arch)
+
+
+def load_checkpoint(source: str | os.PathLike, *, layout: str = "auto",
+                    progress: bool = True) -> tuple[StateDict, dict[str, str]]:
+    """Any supported checkpoint as hrnet's state dict, and its metadata.
+
+    The architecture is found from the keys and shapes (every key and shape must match one); the
+    metadata always holds ``format`` (the layout read), ``arch`` and ``num_classes`` (0 without a
+    classifier), plus whatever an hrnet-format file stored.
+    """
+    path = local_path(source, progress=progress)
+    sd, metadata, found = read_state_dict(path, layout)
+    hit = infer_arch(sd, found)
+    if hit is None:
+        closest = min(ARCHS.values(), key=lambda a: sum(map(len, mismatch(convert(sd, found, a), a))))
+        raise KeyMismatchError(describe_mismatch(str(path), f"any HRNet architecture (closest: {closest.name})",
+                                                 *mismatch(convert(sd, found, closest), closest)))
+    arch, out = hit
+    classes = out["classifier.weight"].shape[0] if "classifier.weight" in out else 0
+    return out, {**metadata, "format": found, "arch": arch.name, "num_classes": str(classes)}
+
+
+def load_weights(model: nn.Module, source: Source, *, progress: bool = True) -> None:
+    """Load ``source`` (a zoo record, a file or hub directory in any supported format, or a URL) into ``model``.
+
+    Strict about the model's own keys and shapes. A classifier with another class count (or none in the
+    checkpoint) is skipped with a warning, the fine-tuning case; a feature extractor ignores the head
+    it lacks. Weights of another width are refused with a message naming that width.
+    """
+    path = local_path(source, progress=progress)
+    sd, _, found = read_state_dict(path)
+    arch: Arch = model.arch
+    cfg = getattr(model, "pretrained_cfg", None)
+    name = cfg.name if cfg is not None else arch.name
+    out = convert(sd, found, arch)
+    if any(mismatch(out, arch)):
+        other = infer_arch(sd, found)
+        if other is not None:
+            raise KeyMismatchError(f"{path}: holds {other[0].name} weights ({models_of(other[0])}), "
+                                   f"but the model is {name} ({arch.name}); build that model instead")
+        check(out, arch, str(path), name)
+    _load_into(model, out, path)
+
+
+def _load_into(model: nn.Module, sd: StateDict, path: Path) -> None:
+    target = model.state_dict()
+    sd = {k: v for k, v in sd.items() if k in target or k in CLASSIFIER}  # a feature extractor lacks the head
+    has_classifier = CLASSIFIER[0] in target
+    if not has_classifier or CLASSIFIER[0] not in sd or sd[CLASSIFIER[0]].shape != target[CLASSIFIER[0]].shape:
+        if has_classifier:
+            found = f"{sd[CLASSIFIER[0]].shape[0]} classes" if CLASSIFIER[0] in sd else "no classifier"
+            warnings.warn(f"{path}: the checkpoint has {found}, the model {target[CLASSIFIER[0]].shape[0]}: "
+                          "loaded everything but the classifier, which keeps its fresh initialisation", stacklevel=3)
+        sd = {k: v for k, v in sd.items() if k not in CLASSIFIER}
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if k not in CLASSIFIER]
+    if missing or result.unexpected_keys:
+        raise KeyMismatchError(describe_mismatch(str(path), type(model).__name__, missing,
+                                                 list(result.unexpected_keys), []))
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None,
+                    hub: bool = False) -> Path:
+    """Write ``model``'s weights in hrnet's format (atomically) and return the weights file's path.
+
+    ``metadata`` adds string entries (e.g. ``source_sha256``) next to the ones hrnet writes itself.
+    ``hub=True`` makes ``path`` a directory with ``model.safetensors`` and ``config.json``.
+    """
+    from .. import __version__
+
+    if not hasattr(model, "arch"):
+        raise TypeError(f"save_checkpoint needs an hrnet model (with .arch), got {type(model).__name__}")
+    extra = dict(metadata or {})
+    clash = [k for k in extra if k in RESERVED]
+    if clash:
+        raise ValueError(f"metadata keys {clash} are written by hrnet itself")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
+        raise TypeError("metadata keys and values must be strings")
+    cfg = getattr(model, "pretrained_cfg", None)
+    meta = {"format": "hrnet", "arch": model.arch.name, "num_classes": str(getattr(model, "num_classes", 0)),
+            "hrnet_version": __version__, **({"model": cfg.name} if cfg is not None else {}), **extra}
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    target = Path(path)
+    if hub:
+        target.mkdir(parents=True, exist_ok=True)
+        config = {**meta, "num_classes": int(meta["num_classes"]),
+                  **({"pretrained_cfg": dataclasses.asdict(cfg.eval)} if cfg is not None else {})}
+        _atomic_write(target / HUB_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        target = target / HUB_WEIGHTS
+    _atomic_write(target, lambda tmp: save_file(sd, tmp, metadata=meta))
+    return target
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
