@@ -53,11 +53,15 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with open(path, "rb") as f:  # PIL does not own f, so the decoded pixels outlive it
+                img = Image.open(f)
                 img.load()
-                return _to_rgb(ImageOps.exif_transpose(img))
+            ImageOps.exif_transpose(img, in_place=True)
+            return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         reason = f"refused as a possible decompression bomb: {e}"
+    except PermissionError:
+        reason = "cannot open (permission denied)"
     except UnidentifiedImageError:
         reason = "not an image (unrecognised file format)"
     except OSError as e:

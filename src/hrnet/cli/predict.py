@@ -1,0 +1,60 @@
+"""hrnet predict: the top-k ImageNet classes of image files, directories or globs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import add_model_args, add_output_args, add_parser, print_json
+
+
+def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """Options shared by predict and eval: preprocessing overrides, batching, bad-file policy."""
+    p.add_argument("--batch-size", type=int, default=batch_size, metavar="N", help=f"default {batch_size}")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="decoding processes (default: half the cores, at most 8; 0 decodes in-process)")
+    p.add_argument("--input-size", type=int, default=None, metavar="PX",
+                   help="centre-crop size (default: the model record's, 224)")
+    p.add_argument("--crop-pct", type=float, default=None, metavar="F",
+                   help="crop / resized short edge (default: the record's, 224/256); the short edge "
+                        "becomes floor(input_size / crop_pct)")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "predict", "classify images: top-k ImageNet classes with probabilities",
+                   "  hrnet predict hrnet-w18 examples/images\n"
+                   "  hrnet predict hrnet-w48-ssld photo.jpg 'shots/**/*.png' --topk 3\n"
+                   "  hrnet predict hrnet-w18 --checkpoint my.safetensors img.jpg --json")
+    add_model_args(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, directories (recursive) or globs")
+    p.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image (default 5)")
+    add_inference_args(p, batch_size=16)
+    add_output_args(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..engine.predict import predict
+
+    records = predict(args.name, args.inputs, topk=args.topk, checkpoint=args.checkpoint,
+                      batch_size=args.batch_size, workers=args.workers, device=args.device,
+                      input_size=args.input_size, crop_pct=args.crop_pct, strict=args.strict,
+                      progress=show_progress(args))
+    if args.json:
+        print_json(records)
+    for r in records:
+        if "error" in r:
+            print(f"hrnet: skipped {r['error']}", file=sys.stderr)
+        elif not args.json:
+            print(r["file"])
+            for rank, t in enumerate(r["topk"], 1):
+                print(f"  {rank}. {100 * t['score']:6.2f}%  {t['label']} ({t['index']})")
+    if not any("topk" in r for r in records):
+        print("hrnet: error: no input could be classified", file=sys.stderr)
+        return 1
+    return 0

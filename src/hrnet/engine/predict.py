@@ -1,0 +1,124 @@
+"""Classify image files: top-k ImageNet classes with probabilities, bad files reported, never fatal."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data import Batch, EvalTransform, ImageList, ImageReadError, class_names, eval_transform, find_images
+from ..data.loader import inference_loader
+from .distributed import default_device
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class Classifier:
+    """A model ready for inference: where batches go, how images are prepared, what outputs mean."""
+
+    model: nn.Module
+    device: str
+    transform: EvalTransform
+    labels: list[str]
+
+    @classmethod
+    def build(cls, model_or_name: nn.Module | str, *, checkpoint: PathLike | None = None,
+              device: str | None = None, input_size: int | None = None,
+              crop_pct: float | None = None) -> Classifier:
+        """A model object as is, or a zoo name with ``checkpoint`` (else its published weights)."""
+        if isinstance(model_or_name, nn.Module):
+            if checkpoint is not None:
+                raise TypeError("checkpoint applies to a model name, not to a built model")
+            model = model_or_name
+        else:
+            from ..models import create_model
+
+            model = create_model(model_or_name, pretrained=checkpoint is None, checkpoint=checkpoint)
+        device = device or default_device()
+        model = model.to(device).eval()
+        return cls(model, device, eval_transform(model, input_size, crop_pct), class_names(model.num_classes))
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.to(self.device, non_blocking=True)).float()
+
+    def batches(self, dataset, batch_size: int, workers: int | None, *, strict: bool,
+                progress: bool, desc: str) -> Iterator[Batch]:
+        """The dataset's batches in order, with a progress bar over images; ``strict`` raises the
+        first unreadable file (raised here, not in a worker, so the message stays one line)."""
+        loader = inference_loader(dataset, batch_size, workers, pin_memory=self.device.startswith("cuda"))
+        with tqdm(total=len(dataset), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+            for batch in loader:
+                if strict and batch.failed:
+                    raise ImageReadError(batch.failed[0].error)
+                bar.update(len(batch.indices) + len(batch.failed))
+                yield batch
+
+
+def expand_inputs(inputs: PathLike | Iterable[PathLike]) -> tuple[list[str], list[dict]]:
+    """Files, directories (recursive, image extensions only) and globs → (files, error records).
+
+    A file named explicitly is always tried, whatever its extension; an input that matches nothing
+    becomes ``{"file": input, "error": ...}``. Order is kept, duplicates are dropped.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    files: dict[str, None] = {}
+    missing = []
+    for item in map(os.fspath, inputs):
+        if os.path.isdir(item):
+            found = find_images(item)
+            if not found:
+                missing.append({"file": item, "error": f"{item}: no image files in this directory"})
+            files.update(dict.fromkeys(found))
+        elif os.path.lexists(item):
+            files[item] = None
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                missing.append({"file": item, "error": f"{item}: no such file, directory or glob match"})
+            for m in matches:
+                files.update(dict.fromkeys(find_images(m) if os.path.isdir(m) else [m]))
+    return list(files), missing
+
+
+def topk_records(probs: torch.Tensor, labels: list[str], k: int) -> list[list[dict]]:
+    """``[{"index", "label", "score"}, ...]`` of the ``k`` most probable classes, per row."""
+    scores, idx = probs.topk(min(k, probs.shape[1]), dim=1)
+    return [[{"index": int(i), "label": labels[int(i)], "score": float(s)} for s, i in zip(srow, irow)]
+            for srow, irow in zip(scores, idx)]
+
+
+def predict(model_or_name: nn.Module | str, inputs: PathLike | Iterable[PathLike], *, topk: int = 5,
+            checkpoint: PathLike | None = None, batch_size: int = 16, workers: int | None = None,
+            device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
+            strict: bool = False, progress: bool = False) -> list[dict]:
+    """Classify every image in ``inputs`` (files, directories, globs).
+
+    Returns one record per file, in input order: ``{"file", "topk": [{"index", "label", "score"}]}``
+    with softmax probabilities, or ``{"file", "error"}`` for a file that could not be read (raised
+    instead when ``strict``). Inputs that match nothing come last as error records.
+    """
+    if topk < 1:
+        raise ValueError("topk must be at least 1")
+    clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=device, input_size=input_size,
+                             crop_pct=crop_pct)
+    files, missing = expand_inputs(inputs)
+    if strict and missing:
+        raise ImageReadError(missing[0]["error"])
+    records: list[dict] = [{"file": f} for f in files]
+    dataset = ImageList(files, transform=clf.transform)
+    for batch in clf.batches(dataset, batch_size, workers, strict=strict, progress=progress, desc="predict"):
+        for bad in batch.failed:
+            records[bad.index]["error"] = bad.error
+        if len(batch.indices):
+            probs = clf.logits(batch.images).softmax(dim=1).cpu()
+            for i, top in zip(batch.indices.tolist(), topk_records(probs, clf.labels, topk)):
+                records[i]["topk"] = top
+    return records + missing
