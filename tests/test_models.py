@@ -72,6 +72,16 @@ def test_features_only_outputs_agree_with_feature_info(name, location):
         [(i.channels, i.stride, i.stride) for i in model.feature_info]
 
 
+@pytest.mark.parametrize("location", ["incre", ""])
+def test_any_input_size_runs_with_strides_rounded_up(location):
+    # timm and the official code fail here: 100/32 is not whole, nearest upsampling overshoots.
+    model = hrnet.create_model("hrnet-w18-small", features_only=True, out_indices=(0, 1, 2, 3, 4),
+                               feature_location=location).eval()
+    feats = model(torch.randn(1, 3, 100, 150))
+    assert [tuple(f.shape[2:]) for f in feats] == [(50, 75), (25, 38), (13, 19), (7, 10), (4, 5)]
+    assert hrnet.create_model("hrnet-w18-small").eval()(torch.randn(1, 3, 100, 150)).shape == (1, 1000)
+
+
 def test_out_indices_select_and_order_the_features():
     model = hrnet.create_model("hrnet-w18-small", features_only=True, out_indices=(4, 2))
     feats = model.eval()(torch.randn(1, 3, 64, 64))

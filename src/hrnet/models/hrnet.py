@@ -122,10 +122,16 @@ class HRModule(nn.Module):
         if not self.fuse_layers:
             return xs
         fused = []
-        for fuse in self.fuse_layers:
+        for i, fuse in enumerate(self.fuse_layers):
+            h, w = xs[i].shape[-2:]
             y = fuse[0](xs[0])
             for f, x in zip(fuse[1:], xs[1:]):
-                y = y + f(x)
+                z = f(x)
+                if z.shape[-2:] != (h, w):
+                    # An input not divisible by 32: stride-2 convs round sizes up, so x2^k nearest
+                    # upsampling overshoots by a row/column; crop it to keep positions aligned.
+                    z = z[..., :h, :w]
+                y = y + z
             fused.append(self.relu(y))
         return fused
 
