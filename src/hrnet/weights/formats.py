@@ -212,7 +212,15 @@ def mismatch(sd: StateDict, arch: Arch) -> tuple[list[str], list[str], list[str]
 
 
 def infer_arch(sd: StateDict, layout: str, candidates: Iterable[Arch] = ARCHS.values()) -> tuple[Arch, StateDict] | None:
-    """The first architecture whose complete key set and shapes ``sd`` matches, and ``sd`` converted for it."""
+    """The first architecture whose complete key set and shapes ``sd`` matches, and ``sd`` converted for it.
+
+    Architectures whose stage-2 width equals the first transition's output are tried first, so
+    usually only one is built (on the meta device, but building still costs time).
+    """
+    candidates = list(candidates)
+    first = convert(sd, layout, candidates[0]).get("transition1.0.0.weight")
+    if first is not None:
+        candidates.sort(key=lambda a: a.width != first.shape[0])
     for arch in candidates:
         out = convert(sd, layout, arch)
         if not any(mismatch(out, arch)):
