@@ -77,9 +77,13 @@ class EvalTransform:
         sx, sy = w / nw, h / nh
         return img.resize((c, c), Image.BILINEAR, box=(x * sx, y * sy, (x + c) * sx, (y + c) * sy))
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        hwc = torch.from_numpy(np.array(self.crop(img), dtype=np.uint8))  # a copy: torch wants it writable
+    def normalize(self, crop: Image.Image) -> torch.Tensor:
+        """An RGB image → float32 CHW ``(x - mean) / std``."""
+        hwc = torch.from_numpy(np.array(crop, dtype=np.uint8))  # a copy: torch wants it writable
         return hwc.permute(2, 0, 1).contiguous().float().sub_(self.mean).div_(self.std)  # in place: 10x faster
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.normalize(self.crop(img))
 
     def __repr__(self) -> str:
         return f"EvalTransform(resize_short={self.resize_size}, bilinear, center_crop={self.input_size})"

@@ -1,0 +1,141 @@
+"""hrnet eval end to end: labels chosen from the model's independently computed ranking, so top-1
+and top-5 are known in advance; bad files skipped; torchrun on 2 processes gives the same counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hrnet.cli import main
+from hrnet.data import imagenet_names, imagenet_wnids
+from hrnet.engine.evaluate import evaluate
+from hrnet.engine.predict import predict
+from hrnet.weights import save_checkpoint
+from test_data import make_bad_corpus
+from test_predict import CROP, FAST, MODEL, random_model, reference_logits, write_photos
+
+# For photo i, the label is the class the model ranks at RANKS[i]: rank 0 hits top-1, 1-4 top-5 only.
+RANKS = [0, 2, 40, 0, 3, 0, 40]
+TOP1, TOP5 = 100 * 3 / 7, 100 * 5 / 7
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    photos = write_photos(d / "flat")
+    model = random_model(photos)
+    ckpt = save_checkpoint(model, d / "random.safetensors")
+    logits = reference_logits(model, photos)
+    labels = []
+    for row, rank in zip(logits, RANKS):
+        order = row.argsort(descending=True)
+        label = int(order[rank])
+        # the label must sit clearly on its side of the top-1 and top-5 boundaries (no float near-ties)
+        top1_margin = row[label] - row[order[1]] if rank == 0 else row[order[0]] - row[label]
+        top5_margin = row[label] - row[order[5]] if rank < 5 else row[order[4]] - row[label]
+        assert min(top1_margin, top5_margin) > 1e-3, "near-tied logits: the chosen labels would not be robust"
+        labels.append(label)
+    root = d / "imagenet"
+    for p, label in zip(photos, labels):
+        (root / imagenet_wnids()[label]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, root / imagenet_wnids()[label] / p.name)
+    return model, ckpt, photos, labels, root
+
+
+def run_eval(*argv: str, capsys) -> dict:
+    assert main(["eval", MODEL, *argv, "--json", *FAST]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_imagenet_folders_give_the_known_top1_top5(setup, capsys):
+    _, ckpt, _, _, root = setup
+    r = run_eval("--checkpoint", str(ckpt), "--data", str(root), capsys=capsys)
+    assert (r["n"], r["skipped"]) == (7, [])
+    assert r["top1"] == pytest.approx(TOP1) and r["top5"] == pytest.approx(TOP5)
+    assert r["images_per_s"] > 0
+
+
+def test_annotation_file_and_per_class(setup, tmp_path, capsys):
+    _, ckpt, photos, labels, _ = setup
+    ann = tmp_path / "val.txt"
+    ann.write_text("".join(f"flat/{p.name} {label}\n" for p, label in zip(photos, labels)))
+    r = run_eval("--checkpoint", str(ckpt), "--data", str(photos[0].parent.parent), "--ann-file", str(ann),
+                 "--per-class", capsys=capsys)
+    assert r["top1"] == pytest.approx(TOP1) and r["top5"] == pytest.approx(TOP5) and r["n"] == 7
+    expected: dict[int, list[int]] = {}
+    for label, rank in zip(labels, RANKS):
+        expected.setdefault(label, []).append(rank)
+    assert [c["index"] for c in r["per_class"]] == sorted(expected)
+    for c in r["per_class"]:
+        ranks = expected[c["index"]]
+        assert c["label"] == imagenet_names()[c["index"]] and c["n"] == len(ranks)
+        assert c["top1"] == pytest.approx(100 * sum(k == 0 for k in ranks) / len(ranks))
+        assert c["top5"] == pytest.approx(100 * sum(k < 5 for k in ranks) / len(ranks))
+
+
+def test_bad_files_are_skipped_listed_and_excluded(setup, tmp_path, capsys):
+    model, ckpt, photos, labels, root = setup
+    data = tmp_path / "val"
+    shutil.copytree(root, data)
+    good, bad = make_bad_corpus(tmp_path / "corpus")
+    # the decodable corpus files get the label the model predicts for them: all top-1 hits
+    preds = predict(model, [tmp_path / "corpus" / g for g in good], topk=1, input_size=CROP, workers=0)
+    for rec in preds:
+        wnid = imagenet_wnids()[rec["topk"][0]["index"]]
+        (data / wnid).mkdir(exist_ok=True)
+        shutil.copy(rec["file"], data / wnid / os.path.basename(rec["file"]))
+    for b in bad:
+        shutil.copy(tmp_path / "corpus" / b, data / imagenet_wnids()[labels[0]] / b)
+    (data / imagenet_wnids()[labels[0]] / "README.txt").write_text("not an image extension: not a sample")
+    r = run_eval("--checkpoint", str(ckpt), "--data", str(data), "--workers", "1", capsys=capsys)
+    n = 7 + len(good)
+    assert r["n"] == n
+    assert r["top1"] == pytest.approx(100 * (3 + len(good)) / n)
+    assert r["top5"] == pytest.approx(100 * (5 + len(good)) / n)
+    assert sorted(os.path.basename(s["file"]) for s in r["skipped"]) == sorted(bad)
+    for s in r["skipped"]:
+        assert s["error"].startswith(s["file"] + ": ") and "\n" not in s["error"]
+
+    code = main(["eval", MODEL, "--checkpoint", str(ckpt), "--data", str(data), "--strict", *FAST])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith("hrnet: error: ") and str(data) in err
+
+
+def test_python_api_with_a_model_object(setup):
+    model, _, _, _, root = setup
+    r = evaluate(model, root, input_size=CROP, workers=0)
+    assert (r["top1"], r["top5"], r["n"]) == (pytest.approx(TOP1), pytest.approx(TOP5), 7)
+
+
+def test_labels_beyond_the_model_are_a_clear_error(setup, tmp_path, capsys):
+    _, ckpt, photos, _, _ = setup
+    ann = tmp_path / "val.txt"
+    ann.write_text(f"{photos[0].name} 1000\n")
+    assert main(["eval", MODEL, "--checkpoint", str(ckpt), "--data", str(photos[0].parent),
+                 "--ann-file", str(ann), *FAST]) == 1
+    assert "label 1000" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_equal_one_on_an_odd_count(setup, tmp_path, capsys):
+    _, ckpt, _, labels, root = setup
+    data = tmp_path / "val"
+    shutil.copytree(root, data)
+    (data / imagenet_wnids()[labels[1]] / "zero.jpg").write_bytes(b"")  # 8 files: 7 images, 1 skipped
+    argv = ["eval", MODEL, "--checkpoint", str(ckpt), "--data", str(data), "--json", *FAST]
+    single = run_eval(*argv[2:-len(FAST) - 1], capsys=capsys)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "hrnet", *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dist = json.loads(proc.stdout)
+    for key in ("top1", "top5", "n", "skipped"):
+        assert dist[key] == single[key], key
+    assert (dist["n"], len(dist["skipped"])) == (7, 1)
+    assert torch.distributed.is_available()
