@@ -108,9 +108,9 @@ def test_bad_files_are_skipped_listed_and_excluded(setup, tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1 and err.startswith("hrnet: error: ") and str(data) in err
 
 
-def test_python_api_with_a_model_object(setup):
+def test_python_api_with_a_model_object_and_another_backend(setup):
     model, _, _, _, root = setup
-    r = evaluate(model, root, input_size=CROP, workers=0)
+    r = evaluate(model, root, input_size=CROP, workers=0, backend="fused")
     assert (r["top1"], r["top5"], r["n"]) == (pytest.approx(TOP1), pytest.approx(TOP5), 7)
 
 

@@ -140,3 +140,10 @@ def test_predict_text_output(setup, capsys):
     top = int(logits[2].argmax())
     assert lines[0] == str(photos[2]) and len(lines) == 3
     assert lines[1].startswith("  1.") and lines[1].endswith(f"{imagenet_names()[top]} ({top})")
+
+
+def test_predict_through_the_fused_backend_keeps_the_ranking(setup):
+    model, _, photos, logits = setup
+    records = predict(model, photos, topk=3, input_size=CROP, workers=0, backend="fused")
+    for r, row in zip(records, logits):
+        assert [t["index"] for t in r["topk"]] == row.topk(3).indices.tolist()

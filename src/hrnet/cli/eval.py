@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "eval", "top-1/top-5 accuracy on ImageNet-style folders or an mmcls annotation file",
                    "  hrnet eval hrnet-w18 --data /data/imagenet/val          # wnid folders\n"
                    "  hrnet eval hrnet-w18 --data /data/val --ann-file val.txt  # 'relative/path label' lines\n"
-                   "  hrnet eval hrnet-w48-ssld --data val --per-class --json\n"
+                   "  hrnet eval hrnet-w48-ssld --data val --per-class --json --backend fused\n"
                    "  torchrun --nproc-per-node 8 -m hrnet eval hrnet-w18 --data /data/imagenet/val")
     add_model_args(p)
     p.add_argument("--data", required=True, metavar="DIR",
@@ -35,7 +35,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(args.name, args.data, ann_file=args.ann_file, checkpoint=args.checkpoint,
                           batch_size=args.batch_size, workers=args.workers, device=args.device,
                           input_size=args.input_size, crop_pct=args.crop_pct, per_class=args.per_class,
-                          strict=args.strict, progress=show_progress(args))
+                          strict=args.strict, progress=show_progress(args), backend=args.backend)
     finally:
         cleanup()
     if not info.is_main:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..deploy import BACKENDS
 from ._common import add_model_args, add_output_args, add_parser, print_json
 
 
@@ -19,6 +20,9 @@ def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
                    help="crop / resized short edge (default: the record's, 224/256); the short edge "
                         "becomes floor(input_size / crop_pct)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    p.add_argument("--backend", choices=BACKENDS, default="eager",
+                   help="eager: the model as built; fused: BN folded, channels-last; compile: torch.compile of "
+                        "the fused model; onnxruntime: needs hrnet[onnx] (default eager)")
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -29,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "predict", "classify images: top-k ImageNet classes with probabilities",
                    "  hrnet predict hrnet-w18 examples/images\n"
                    "  hrnet predict hrnet-w48-ssld photo.jpg 'shots/**/*.png' --topk 3\n"
-                   "  hrnet predict hrnet-w18 --checkpoint my.safetensors img.jpg --json")
+                   "  hrnet predict hrnet-w18 --checkpoint my.safetensors img.jpg --json\n"
+                   "  hrnet predict hrnet-w18 photos/ --backend onnxruntime --batch-size 32")
     add_model_args(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, directories (recursive) or globs")
     p.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image (default 5)")
@@ -44,7 +49,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records = predict(args.name, args.inputs, topk=args.topk, checkpoint=args.checkpoint,
                       batch_size=args.batch_size, workers=args.workers, device=args.device,
                       input_size=args.input_size, crop_pct=args.crop_pct, strict=args.strict,
-                      progress=show_progress(args))
+                      progress=show_progress(args), backend=args.backend)
     if args.json:
         print_json(records)
     for r in records:

@@ -21,16 +21,17 @@ from .predict import Classifier, PathLike
 def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLike | None = None,
              checkpoint: PathLike | None = None, batch_size: int = 32, workers: int | None = None,
              device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
-             per_class: bool = False, strict: bool = False, progress: bool = False) -> dict:
+             per_class: bool = False, strict: bool = False, progress: bool = False, backend: str = "eager") -> dict:
     """Evaluate on ``data`` (ImageNet wnid folders, class folders, or ``ann_file`` lines).
 
     Returns ``{"top1", "top5", "n", "skipped": [{"file", "error"}], "images_per_s"}`` with accuracies in
     percent over the ``n`` images evaluated, plus ``"per_class": [{"index", "label", "n", "top1",
     "top5"}]`` (classes present in the data) when ``per_class``. Joins the torchrun job if there is one.
+    ``backend`` is one of :data:`hrnet.deploy.BACKENDS`.
     """
     info = init_distributed(device)
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=info.device, input_size=input_size,
-                           crop_pct=crop_pct)
+                           crop_pct=crop_pct, backend=backend)
     dataset = ImageDataset(data, ann_file=ann_file, transform=clf.transform)
     num_classes = len(clf.labels)
     top_label = max(label for _, label in dataset.samples)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..data import Batch, EvalTransform, ImageList, ImageReadError, class_names, eval_transform, find_images
 from ..data.loader import inference_loader
+from ..deploy import Runner, make_runner
 from .distributed import default_device
 
 PathLike = str | os.PathLike
@@ -26,12 +27,14 @@ class Classifier:
     device: str
     transform: EvalTransform
     labels: list[str]
+    runner: Runner
 
     @classmethod
     def build(cls, model_or_name: nn.Module | str, *, checkpoint: PathLike | None = None,
               device: str | None = None, input_size: int | None = None,
-              crop_pct: float | None = None) -> Classifier:
-        """A model object as is, or a zoo name with ``checkpoint`` (else its published weights)."""
+              crop_pct: float | None = None, backend: str = "eager") -> Classifier:
+        """A model object as is, or a zoo name with ``checkpoint`` (else its published weights),
+        run by ``backend`` (see :data:`hrnet.deploy.BACKENDS`)."""
         if isinstance(model_or_name, nn.Module):
             if checkpoint is not None:
                 raise TypeError("checkpoint applies to a model name, not to a built model")
@@ -42,11 +45,12 @@ class Classifier:
             model = create_model(model_or_name, pretrained=checkpoint is None, checkpoint=checkpoint)
         device = device or default_device()
         model = model.to(device).eval()
-        return cls(model, device, eval_transform(model, input_size, crop_pct), class_names(model.num_classes))
+        transform = eval_transform(model, input_size, crop_pct)
+        size = (transform.input_size, transform.input_size)
+        return cls(model, device, transform, class_names(model.num_classes), make_runner(model, backend, input_size=size))
 
-    @torch.inference_mode()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.to(self.device, non_blocking=True)).float()
+        return self.runner(images.to(self.device, non_blocking=True)).float()
 
     def batches(self, dataset, batch_size: int, workers: int | None, *, strict: bool,
                 progress: bool, desc: str) -> Iterator[Batch]:
@@ -98,17 +102,18 @@ def topk_records(probs: torch.Tensor, labels: list[str], k: int) -> list[list[di
 def predict(model_or_name: nn.Module | str, inputs: PathLike | Iterable[PathLike], *, topk: int = 5,
             checkpoint: PathLike | None = None, batch_size: int = 16, workers: int | None = None,
             device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
-            strict: bool = False, progress: bool = False) -> list[dict]:
+            strict: bool = False, progress: bool = False, backend: str = "eager") -> list[dict]:
     """Classify every image in ``inputs`` (files, directories, globs).
 
     Returns one record per file, in input order: ``{"file", "topk": [{"index", "label", "score"}]}``
     with softmax probabilities, or ``{"file", "error"}`` for a file that could not be read (raised
-    instead when ``strict``). Inputs that match nothing come last as error records.
+    instead when ``strict``). Inputs that match nothing come last as error records. ``backend`` is
+    one of :data:`hrnet.deploy.BACKENDS` (``eager``, ``fused``, ``compile``, ``onnxruntime``).
     """
     if topk < 1:
         raise ValueError("topk must be at least 1")
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=device, input_size=input_size,
-                             crop_pct=crop_pct)
+                             crop_pct=crop_pct, backend=backend)
     files, missing = expand_inputs(inputs)
     if strict and missing:
         raise ImageReadError(missing[0]["error"])
