@@ -272,7 +272,7 @@ def test_feature_extractor_loads_its_keys_and_ignores_the_head(official_file, ti
 
 
 def test_explicit_layout_must_match_the_content(official_file):
-    with pytest.raises(CheckpointError, match="is a official checkpoint, not paddle"):
+    with pytest.raises(CheckpointError, match="is a checkpoint in the official layout, not paddle"):
         load_checkpoint(official_file, layout="paddle")
     assert load_checkpoint(official_file, layout="timm")[1]["format"] == "official"
 

@@ -47,7 +47,7 @@ def read_state_dict(path: Path, layout: str = "auto") -> tuple[StateDict, dict[s
     sd = state_dict_of(obj, str(path))
     found = detect_layout(sd, metadata, str(path))
     if layout != "auto" and found != layout and {found, layout} != {"official", "timm"}:
-        raise CheckpointError(f"{path}: is a {found} checkpoint, not {layout}")
+        raise CheckpointError(f"{path}: is a checkpoint in the {found} layout, not {layout}")
     return sd, metadata, found
 
 
@@ -92,13 +92,19 @@ def load_weights(model: nn.Module, source: Source, *, progress: bool = True) -> 
     if any(mismatch(out, arch)):
         other = infer_arch(sd, found)
         if other is not None:
-            raise KeyMismatchError(f"{path}: holds {other[0].name} weights ({models_of(other[0])}), "
-                                   f"but the model is {name} ({arch.name}); build that model instead")
+            raise wrong_arch(path, other[0], name, arch)
         check(out, arch, str(path), name)
-    _load_into(model, out, path)
+    load_into(model, out, path)
 
 
-def _load_into(model: nn.Module, sd: StateDict, path: Path) -> None:
+def wrong_arch(path: Path, found: Arch, name: str, arch: Arch) -> KeyMismatchError:
+    """The error for weights of another architecture: it names the one they belong to."""
+    return KeyMismatchError(f"{path}: holds {found.name} weights ({models_of(found)}), but the model is "
+                            f"{name} ({arch.name}); build that model instead")
+
+
+def load_into(model: nn.Module, sd: StateDict, path: Path) -> None:
+    """Load a converted, checked state dict: the model's own keys strictly, the classifier only if it fits."""
     target = model.state_dict()
     sd = {k: v for k, v in sd.items() if k in target or k in CLASSIFIER}  # a feature extractor lacks the head
     has_classifier = CLASSIFIER[0] in target

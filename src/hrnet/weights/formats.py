@@ -151,7 +151,7 @@ def paddle_key(key: str) -> str | None:
 
 
 def convert(sd: StateDict, layout: str, arch: Arch) -> StateDict:
-    """``sd`` renamed to hrnet's keys by ``layout``'s rules (``arch`` fixes Paddle's flat indices).
+    """``sd`` renamed to hrnet's keys by ``layout``'s rules (``arch`` fixes Paddle's names).
 
     Keys no rule knows are kept as they are, so :func:`mismatch` reports them as unexpected.
     BatchNorm ``num_batches_tracked`` counters (absent from Paddle and old PyTorch files; unused in
@@ -170,10 +170,8 @@ def convert(sd: StateDict, layout: str, arch: Arch) -> StateDict:
         out = dict(sd)
     else:
         raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
-    for key in expected_shapes(arch):
-        counter = key.endswith(".num_batches_tracked")
-        if counter and key not in out and key.replace("num_batches_tracked", "running_mean") in out:
-            out[key] = torch.zeros((), dtype=torch.long)
+    for key in [k for k in out if k.endswith(".running_mean")]:
+        out.setdefault(key.replace("running_mean", "num_batches_tracked"), torch.zeros((), dtype=torch.long))
     return out
 
 

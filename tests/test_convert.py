@@ -1,0 +1,64 @@
+"""hrnet convert: checkpoint -> hrnet's format -> identical logits; --hub directories; clear refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import timm
+import torch
+from test_weights import assert_logits_close, logits, randomize, to_mmcls
+
+from hrnet.cli import main
+from hrnet.models import create_model
+from hrnet.weights import load_checkpoint
+
+SMALL = "hrnet-w18-small"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return randomize(timm.create_model("hrnet_w18_small", pretrained=False, num_classes=5), seed=4)
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+
+
+def test_convert_official_then_load_gives_identical_logits(tmp_path, x, reference, capsys):
+    src, dst = tmp_path / "official.pth", tmp_path / "converted.safetensors"
+    torch.save({"state_dict": reference.state_dict()}, src)
+    assert main(["convert", str(src), str(dst), "--quiet"]) == 0
+    assert str(dst) in capsys.readouterr().out
+    converted = logits(create_model(SMALL, num_classes=5, checkpoint=dst), x)
+    assert torch.equal(converted, logits(create_model(SMALL, num_classes=5, checkpoint=src), x))
+    assert_logits_close(converted, logits(reference, x))
+    _, meta = load_checkpoint(dst)
+    assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert (meta["model"], meta["arch"], meta["num_classes"], meta["source_format"]) == (SMALL, "w18-small", "5", "official")
+
+
+def test_convert_hub_directory_loads_with_create_model(tmp_path, x, capsys):
+    mm = randomize(timm.create_model("hrnet_w18_small", pretrained=False, head_conv_bias=False), seed=6)
+    src, dst = tmp_path / "mmcls.pth", tmp_path / "hub"
+    torch.save({"meta": {}, "state_dict": to_mmcls(mm.state_dict())}, src)
+    assert main(["convert", str(src), str(dst), "--hub", "--json", "--model", "hrnet_w18_small"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dst"] == str(dst / "model.safetensors") and result["source_format"] == "mmcls"
+    assert json.loads((dst / "config.json").read_text())["model"] == SMALL
+    assert_logits_close(logits(create_model(SMALL, checkpoint=dst), x), logits(mm, x))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "hrnet-w18-small-v2"], "holds w18-small weights (hrnet-w18-small), but the model is hrnet-w18-small-v2"),
+    (["--from", "paddle"], "is a checkpoint in the official layout, not paddle"),
+])
+def test_convert_refuses_a_wrong_model_or_layout(tmp_path, reference, capsys, extra, message):
+    src = tmp_path / "official.pth"
+    torch.save(reference.state_dict(), src)
+    assert main(["convert", str(src), str(tmp_path / "out.safetensors"), *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hrnet: error: ") and message in err
+    assert not (tmp_path / "out.safetensors").exists()
