@@ -123,7 +123,11 @@ class FusedHRModule(nn.Module):
         for j, x in enumerate(xs):
             if j > 0:
                 for i, part in enumerate(torch.split(self.up[j](x), self.up_splits[j], dim=1)):
-                    contributions[i].append(F.interpolate(part, scale_factor=2 ** (j - i), mode="nearest"))
+                    up = F.interpolate(part, scale_factor=2 ** (j - i), mode="nearest")
+                    if up.shape[-2:] != xs[i].shape[-2:]:
+                        # an input not divisible by 32: crop the upsampling overshoot, as HRModule does
+                        up = up[..., :xs[i].shape[-2], :xs[i].shape[-1]]
+                    contributions[i].append(up)
             contributions[j].append(x)
             if j < self.n - 1:
                 parts = torch.split(self.down[j](x), self.down_splits[j], dim=1)

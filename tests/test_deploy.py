@@ -1,0 +1,101 @@
+"""The inference-optimised model and the backends give the eager model's logits (1e-4 relative)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from hrnet.deploy import BACKENDS, BackendError, fuse_model, make_runner
+from hrnet.models import create_model
+
+RTOL = 1e-4
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BN statistics and affine terms (fresh models have mean 0 / var 1, which folding
+    would reproduce even with a wrong formula); the last BN of each residual branch is damped so
+    activations stay O(1) through W18's depth."""
+    g = torch.Generator().manual_seed(seed)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_((torch.rand(n, generator=g) + 0.5) * (0.2 if name.endswith(("bn2", "bn3")) else 1))
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model.eval()
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def w18() -> torch.nn.Module:
+    return randomize_bn(create_model("hrnet-w18"))
+
+
+def test_fused_model_matches_eager_at_batch_1_and_3():
+    assert_fused_matches_eager(randomize_bn(create_model("hrnet-w18-small")))  # W18, W30: test_export.py
+
+
+def assert_fused_matches_eager(model: torch.nn.Module) -> None:
+    fused = fuse_model(model)
+    for b in (1, 3):
+        x = torch.randn(b, 3, 64, 64)
+        with torch.inference_mode():
+            want = model(x)
+            got = fused(x.contiguous(memory_format=torch.channels_last))
+        assert got.shape == (b, 1000)
+        assert rel_err(got, want) < RTOL
+
+
+def test_fused_model_has_no_batchnorm_and_no_training_modules(w18):
+    fused = fuse_model(w18)
+    kinds = {type(m) for m in fused.modules()}
+    assert not kinds & {torch.nn.BatchNorm2d, torch.nn.Dropout, torch.nn.Upsample}
+    conv = next(m for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # the fusion layers' shared-input convs are stacked: stage 4 has 4 branches, so 3 up-convs and
+    # 3 down-convs per module instead of 6 + 6
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in fused.modules())
+    n_eager = sum(isinstance(m, torch.nn.Conv2d) for m in w18.modules())
+    assert n_convs < n_eager
+
+
+def test_fused_model_leaves_the_original_untouched(w18):
+    before = {k: v.clone() for k, v in w18.state_dict().items()}
+    fuse_model(w18)
+    after = w18.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fused_model_handles_inputs_not_divisible_by_32(w18):
+    x = torch.randn(1, 3, 70, 90)
+    with torch.inference_mode():
+        assert rel_err(fuse_model(w18)(x), w18(x)) < RTOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_gives_the_eager_logits(backend):
+    model = randomize_bn(create_model("hrnet-w18-small"))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        want = model(x)
+    run = make_runner(model, backend, input_size=(64, 64))
+    assert rel_err(run(x[:1]), want[:1]) < RTOL
+    if backend != "compile":  # another batch size means another minute-long compilation
+        assert rel_err(run(x), want) < RTOL
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(BackendError, match="unknown backend 'tensorrt'.*onnxruntime"):
+        make_runner(create_model("hrnet-w18-small"), "tensorrt")
+
+
+def test_missing_onnxruntime_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    with pytest.raises(BackendError, match=r"pip install 'hrnet\[onnx\]'"):
+        make_runner(create_model("hrnet-w18-small"), "onnxruntime")
