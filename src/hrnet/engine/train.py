@@ -1,0 +1,413 @@
+"""The trainer: one config, one CPU or many GPUs under torchrun, resumable at any step.
+
+A run directory holds ``config.yaml`` (the resolved config), ``log.jsonl`` (one JSON line per
+logged step and per epoch), ``checkpoints/step-*.pt`` (the last ``keep_last`` training states) and
+``best.safetensors`` (the best model so far in hrnet's weights format, loadable with
+``create_model(name, checkpoint=...)`` and ``hrnet eval --checkpoint``).
+
+Reproducibility rests on :mod:`hrnet.engine.sampler`: sample order and crops are functions of
+(seed, epoch, position), and a checkpoint stores every generator's state plus the position in the
+epoch, so a resumed run continues bit for bit (CPU, ``train.deterministic``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from ..data import EvalTransform, ImageDataset, collate
+from ..data.augment import TrainTransform
+from ..errors import HRNetError
+from ..models import create_model, resolve
+from ..weights import save_checkpoint
+from .checkpoint import CheckpointError, atomic_write, checkpoints, load_state, prune, rng_state, save_state, \
+    set_rng_state
+from .config import Config, ConfigError
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from .sampler import EpochSeeded, ShardedBatchSampler
+from .syncbn import convert_sync_batchnorm
+
+
+class NonFiniteLossError(HRNetError):
+    """The loss became NaN or infinite; the weights were not updated with it."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_metric: float | None  # validation top-1 (%) or, without a validation set, training accuracy
+    best_weights: Path | None  # hrnet weights file of the best epoch
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for avg, cur in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if avg.dtype.is_floating_point:
+                avg.lerp_(cur, 1.0 - self.decay)
+            else:
+                avg.copy_(cur)
+
+
+def lr_factor(step: int, total: int, warmup: int, scheduler: str) -> float:
+    """The learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine to 0 or flat."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if scheduler == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def build_datasets(cfg: Config) -> tuple[Dataset, Dataset | None]:
+    """The training set with the recipe's augmentation and the validation set with the eval transform
+    of the model's zoo record at ``data.input_size``."""
+    if not cfg.data.train:
+        raise ConfigError("config: data.train is not set (a folder of images)")
+    record = resolve(cfg.model.name)
+    mean, std = record.eval.mean, record.eval.std
+    train_tf = TrainTransform(cfg.data.input_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip, mean=mean,
+                              std=std)
+    train_set = ImageDataset(cfg.data.train, ann_file=cfg.data.train_ann, transform=train_tf)
+    val_set = None
+    if cfg.data.val:
+        val_tf = EvalTransform.from_config(record.eval, input_size=cfg.data.input_size)
+        val_set = ImageDataset(cfg.data.val, ann_file=cfg.data.val_ann, transform=val_tf)
+    return train_set, val_set
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Builds everything a run needs from ``cfg`` and runs it with :meth:`fit`.
+
+    ``train_set``/``val_set`` replace the folders named in the config: any dataset whose items are
+    :class:`hrnet.data.Sample` (or :class:`hrnet.data.Failed`, dropped), with a ``classes`` list.
+    """
+
+    def __init__(self, cfg: Config, *, train_set: Dataset | None = None, val_set: Dataset | None = None,
+                 quiet: bool = False):
+        self.cfg, self.quiet = cfg, quiet
+        self.dist: DistInfo = init_distributed(cfg.train.device)
+        self.device = torch.device(self.dist.device)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        if train_set is None:
+            train_set, val_set = build_datasets(cfg)
+        self.train_set, self.val_set = train_set, val_set
+        self.num_classes = cfg.model.num_classes or len(train_set.classes)  # type: ignore[attr-defined]
+        self.run_dir = Path(cfg.output.dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.log_path = self.run_dir / "log.jsonl"
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint,
+                             num_classes=self.num_classes, drop_rate=cfg.model.drop_rate)
+        if cfg.train.sync_bn and self.dist.distributed:
+            model = convert_sync_batchnorm(model, self.device)
+        model = model.to(self.device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None) if self.dist.distributed else model)
+        self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        random.seed(cfg.train.seed + self.dist.rank)
+        np.random.seed(cfg.train.seed + self.dist.rank)
+        torch.manual_seed(cfg.train.seed + self.dist.rank)
+
+        self.global_batch = cfg.data.batch_size * self.dist.world_size
+        self.lr = cfg.optim.lr * self.global_batch / 256
+        self.optimizer = self._optimizer()
+        self.sampler = ShardedBatchSampler(len(train_set), cfg.data.batch_size, rank=self.dist.rank,
+                                           world_size=self.dist.world_size, seed=cfg.train.seed)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"config: {len(train_set)} training images make no full global batch of "
+                              f"{self.global_batch} (data.batch_size x processes)")
+        self.total_steps = cfg.schedule.epochs * self.steps_per_epoch
+        warmup = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule.scheduler))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.epoch_sums = torch.zeros(3, dtype=torch.float64)  # this rank's loss x n, correct, n so far
+        self.best_metric: float | None = None
+        self.last_checkpoint: Path | None = None
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        params = self.model.parameters()
+        if o.name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=self.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The complete training state (a collective call: every rank contributes its RNG state)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step,
+            "epoch_sums": all_gather_objects(self.epoch_sums.clone()),
+            "best_metric": self.best_metric,
+            "world_size": self.dist.world_size,
+            "global_batch": self.global_batch,
+            "rng": all_gather_objects(rng_state()),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self) -> None:
+        state = self.state()
+        if self.dist.is_main:
+            path = self.ckpt_dir / f"step-{self.step:08d}.pt"
+            save_state(state, path)
+            prune(self.ckpt_dir, self.cfg.output.keep_last)
+            self.last_checkpoint = path
+        barrier()
+
+    def resume(self, path: str | os.PathLike | None = None) -> Path:
+        """Load a checkpoint (default: the newest in the run directory) and continue from its step."""
+        if path is None:
+            found = checkpoints(self.ckpt_dir)
+            if not found:
+                raise CheckpointError(f"{self.ckpt_dir}: no checkpoint to resume from")
+            path = found[-1]
+        path = Path(path)
+        state = load_state(path)
+        if state.get("global_batch") != self.global_batch or state.get("world_size") != self.dist.world_size:
+            raise CheckpointError(
+                f"{path}: written by {state.get('world_size')} process(es) with global batch "
+                f"{state.get('global_batch')}; resume with the same (now {self.dist.world_size}, {self.global_batch})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema:
+            if state["ema"] is None:
+                raise CheckpointError(f"{path}: has no EMA weights but train.ema_decay is set")
+            self.ema.module.load_state_dict(state["ema"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.epoch_sums = state["epoch_sums"][self.dist.rank]
+        self.best_metric = state["best_metric"]
+        set_rng_state(state["rng"][self.dist.rank])
+        self.last_checkpoint = path
+        if self.dist.is_main:
+            self._truncate_log()
+        return path
+
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the checkpoint, so a resumed run's log has no repeats."""
+        if not self.log_path.exists():
+            return
+        kept = [line for line in self.log_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.step]
+        atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(f"{x}\n" for x in kept)))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        workers = self.cfg.data.workers
+        return DataLoader(dataset, collate_fn=collate, num_workers=workers, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator(), persistent_workers=False,
+                          multiprocessing_context="spawn" if workers and self.dist.distributed else None, **kwargs)
+
+    def fit(self) -> TrainResult:
+        """Train until ``schedule.epochs`` are done; return where the results are."""
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        seeded = EpochSeeded(self.train_set, cfg.train.seed)
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=self.quiet or not self.dist.is_main)
+        try:
+            while self.epoch < cfg.schedule.epochs:
+                bar.set_description(f"epoch {self.epoch + 1}/{cfg.schedule.epochs}")
+                self._train_epoch(seeded, bar)
+                self._end_epoch()
+        finally:
+            bar.close()
+        best = self.run_dir / "best.safetensors"
+        return TrainResult(self.run_dir, self.step, self.best_metric, best if best.exists() else None)
+
+    def _train_epoch(self, seeded: EpochSeeded, bar: tqdm) -> None:
+        cfg = self.cfg
+        seeded.epoch = self.epoch
+        self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch)
+        loader = self._loader(seeded, batch_sampler=self.sampler)
+        self.ddp.train()
+        # running sums since the last log line and over the epoch: loss x n, correct, n
+        window = torch.zeros(3, dtype=torch.float64)
+        tic = time.perf_counter()
+        for batch in loader:
+            stats = self._train_step(batch.images, batch.labels)
+            window += stats
+            self.epoch_sums += stats
+            self.step += 1
+            self.batch_in_epoch += 1
+            bar.update(1)
+            if self.step % cfg.output.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
+                totals = all_reduce_sum(window.clone())
+                seconds = time.perf_counter() - tic
+                record = {"kind": "step", "epoch": self.epoch + 1, "step": self.step,
+                          "loss": totals[0].item() / max(totals[2].item(), 1),
+                          "accuracy": 100.0 * totals[1].item() / max(totals[2].item(), 1),
+                          "lr": self.optimizer.param_groups[0]["lr"],
+                          "images_per_s": totals[2].item() / seconds, "memory_mb": round(_memory_mb(self.device), 1)}
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.1f}",
+                                lr=f"{record['lr']:.3g}")
+                window.zero_()
+                tic = time.perf_counter()
+            if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0 \
+                    and self.batch_in_epoch < self.steps_per_epoch:
+                self.save()
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimisation step; returns (loss x n, correct, n) of this rank's batch."""
+        cfg = self.cfg
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        skip_allowed = cfg.train.on_nonfinite == "skip"
+        buffers = [b.clone() for b in self.model.buffers()] if skip_allowed else []
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+        autocast = torch.autocast(self.device.type, dtype=amp) if amp else nullcontext()
+        with autocast:
+            logits = self.ddp(images)
+            loss = self.criterion(logits.float(), labels)
+        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0]))
+        if bad.item() and not skip_allowed:
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
+                "no checkpoint was written yet"
+            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {self.step + 1} (epoch "
+                                     f"{self.epoch + 1}); the weights were not updated; {where}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if bad.item():
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
+            self._log({"kind": "skipped", "epoch": self.epoch + 1, "step": self.step + 1, "loss": str(loss.item())})
+            self.scheduler.step()
+            return torch.zeros(3, dtype=torch.float64)
+        if cfg.train.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
+        n = labels.numel()
+        correct = (logits.detach().argmax(1) == labels).sum().item()
+        return torch.tensor([loss.item() * n, correct, n], dtype=torch.float64)
+
+    def _end_epoch(self) -> None:
+        totals = all_reduce_sum(self.epoch_sums.clone())
+        n = max(totals[2].item(), 1)
+        record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch + 1, "step": self.step,
+                                  "loss": totals[0].item() / n, "accuracy": 100.0 * totals[1].item() / n,
+                                  "lr": self.optimizer.param_groups[0]["lr"]}
+        metric = record["accuracy"]
+        if self.val_set is not None:
+            record["val_loss"], record["val_top1"] = self.validate()
+            metric = record["val_top1"]
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_sums.zero_()
+        improved = self.best_metric is None or metric > self.best_metric
+        if improved:
+            self.best_metric = metric
+            self._export_best()
+        record["best"] = self.best_metric
+        self._log(record)
+        self.save()
+
+    def _eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema else self.model
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        """(mean loss, top-1 %) on the validation set, each image counted once across ranks."""
+        model = self._eval_model()
+        was_training = model.training
+        model.eval()
+        shard = Subset(self.val_set, range(self.dist.rank, len(self.val_set), self.dist.world_size))
+        sums = torch.zeros(3, dtype=torch.float64)
+        for batch in self._loader(shard, batch_size=self.cfg.data.batch_size):
+            if not len(batch.labels):
+                continue
+            images, labels = batch.images.to(self.device), batch.labels.to(self.device)
+            if self.cfg.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            logits = model(images).float()
+            sums += torch.tensor([nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
+                                  (logits.argmax(1) == labels).sum().item(), labels.numel()], dtype=torch.float64)
+        model.train(was_training)
+        totals = all_reduce_sum(sums)
+        n = max(totals[2].item(), 1)
+        return totals[0].item() / n, 100.0 * totals[1].item() / n
+
+    def _export_best(self) -> None:
+        """The model (its EMA if enabled) in hrnet's weights format (written atomically)."""
+        if self.dist.is_main:
+            metadata = {"epoch": str(self.epoch), "step": str(self.step), "metric": f"{self.best_metric:.4f}"}
+            save_checkpoint(self._eval_model(), self.run_dir / "best.safetensors", metadata=metadata)
+
+
+def train(cfg: Config, *, resume: bool | str | os.PathLike = False, quiet: bool = False,
+          train_set: Dataset | None = None, val_set: Dataset | None = None) -> TrainResult:
+    """Run the training ``cfg`` describes. ``resume=True`` continues from the newest checkpoint in
+    ``output.dir``; a path continues from that checkpoint."""
+    trainer = Trainer(cfg, train_set=train_set, val_set=val_set, quiet=quiet)
+    if resume:
+        trainer.resume(None if resume is True else resume)
+    return trainer.fit()
