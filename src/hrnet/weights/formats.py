@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -203,19 +203,19 @@ def mismatch(sd: StateDict, arch: Arch) -> tuple[list[str], list[str], list[str]
     rows = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else -1
     misshaped = []
     for k, v in sd.items():
-        want = shapes.get(k)
-        if want is not None and tuple(v.shape) != tuple(rows if d == -1 else d for d in want):
-            misshaped.append(f"{k} {list(v.shape)} != {list(rows if d == -1 else d for d in want)}")
+        want = [rows if d == -1 else d for d in shapes.get(k, v.shape)]
+        if list(v.shape) != want:
+            misshaped.append(f"{k} {list(v.shape)} != {want}")
     return missing, unexpected, misshaped
 
 
-def infer_arch(sd: StateDict, layout: str, candidates: Iterable[Arch] = ARCHS.values()) -> tuple[Arch, StateDict] | None:
+def infer_arch(sd: StateDict, layout: str) -> tuple[Arch, StateDict] | None:
     """The first architecture whose complete key set and shapes ``sd`` matches, and ``sd`` converted for it.
 
     Architectures whose stage-2 width equals the first transition's output are tried first, so
     usually only one is built (on the meta device, but building still costs time).
     """
-    candidates = list(candidates)
+    candidates = list(ARCHS.values())
     first = convert(sd, layout, candidates[0]).get("transition1.0.0.weight")
     if first is not None:
         candidates.sort(key=lambda a: a.width != first.shape[0])

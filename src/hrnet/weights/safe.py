@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ def container(path: Path) -> str:
     """'safetensors', 'torch' (zip or legacy pickle) or 'pickle', from the file's first bytes."""
     with open(path, "rb") as f:
         head = f.read(16)
-    if len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+    if head[8:9] == b"{":  # 8-byte header length, then the JSON header
         return "safetensors"
     if head.startswith(b"PK\x03\x04") or head.startswith(_TORCH_LEGACY_MAGIC):
         return "torch"
