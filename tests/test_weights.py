@@ -259,6 +259,7 @@ def test_other_num_classes_loads_all_but_classifier_with_warning(x, official_fil
         assert_logits_close(model.forward_head(model.forward_features(x), pre_logits=True),
                             timm_small.forward_head(timm_small.forward_features(x), pre_logits=True))
     assert model.classifier.out_features == 10
+    assert all(p.requires_grad and p.is_leaf for p in model.parameters())  # ready to fine-tune
 
 
 @pytest.mark.parametrize("location", ["incre", ""])

@@ -46,8 +46,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             return _NUMPY_GLOBALS[(module, name)]
         except KeyError:
             raise UnsafeCheckpointError(
-                f"{self.path}: refused: the pickle asks for {module}.{name}, but a .pdparams file may only "
-                "hold numpy arrays (nothing in it was executed)") from None
+                f"{self.path}: refused: the pickle asks for {module}.{name}, but a plain-pickle checkpoint "
+                "(PaddlePaddle .pdparams) may only hold numpy arrays; nothing in it was executed") from None
 
 
 def container(path: Path) -> str:
@@ -82,7 +82,8 @@ def _read_torch(path: Path) -> Any:
             f"{path}: refused to unpickle ({detail}): a checkpoint may hold only tensors and plain "
             "containers; nothing in it was executed (a truncated file can also cause this)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated torch file ({str(e).splitlines()[0]})") from None
+        reason = re.split(r"\.\s", str(e), maxsplit=1)[0]  # torch's first sentence; the rest is advice
+        raise CheckpointError(f"{path}: corrupt or truncated torch file ({reason})") from None
 
 
 def _read_pickle(path: Path) -> Any:
