@@ -1,0 +1,50 @@
+"""hrnet bench: images/s, latency and peak memory per inference backend."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from tqdm import tqdm
+
+from ._common import add_output_args, add_parser, format_table, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..deploy import BACKENDS
+
+    p = add_parser(sub, "bench", "measure images/s, latency p50/p90 and peak memory of each inference backend",
+                   "  hrnet bench hrnet-w18\n"
+                   "  hrnet bench hrnet-w18 --backend fused onnxruntime --batch-size 16 --threads 2\n"
+                   "  hrnet bench hrnet-w48 --checkpoint w48.pth --input-size 288 288 --json")
+    p.add_argument("name", metavar="NAME", help="model name or alias (see 'hrnet list')")
+    p.add_argument("--checkpoint", metavar="PATH_OR_URL",
+                   help="weights to load (default: random weights; they do not change the speed)")
+    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                   help="backends to measure (default: all)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, help="CPU threads per backend (default: the backend's own choice)")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=(224, 224))
+    p.add_argument("--iters", type=int, default=20, help="timed batches per backend, after 3 warm-up batches")
+    add_output_args(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..deploy.bench import bench
+
+    results = []
+    for backend in tqdm(args.backend, desc="backends", disable=args.quiet or args.json):
+        results.append(bench(args.name, backend, checkpoint=args.checkpoint, batch_size=args.batch_size,
+                             input_size=tuple(args.input_size), threads=args.threads, iters=args.iters))
+    if args.json:
+        print_json([asdict(r) for r in results])
+        return 0
+    base = results[0].images_per_s
+    rows = [[r.backend, f"{r.images_per_s:.2f}", f"{r.images_per_s / base:.2f}x", f"{r.latency_ms_p50:.1f}",
+             f"{r.latency_ms_p90:.1f}", "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}", f"{r.setup_s:.1f}"]
+            for r in results]
+    print(f"{args.name}, batch {args.batch_size}, input {args.input_size[0]}x{args.input_size[1]}")
+    print(format_table(rows, ["backend", "images/s", f"vs {results[0].backend}", "p50 ms", "p90 ms",
+                              "peak RSS MiB", "setup s"]))
+    return 0

@@ -1,0 +1,132 @@
+"""Throughput, latency and peak memory of the inference backends.
+
+Each backend is measured in a fresh Python process so that one backend's memory (allocator caches,
+onnxruntime arenas, compiled code) cannot count against another. Inside that process the peak
+resident set size is reset after the runner is built and warmed up, so ``peak_rss_mb`` is what
+serving needs (weights, activations, runtime) without the one-off export or compilation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import HRNetError
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    backend: str
+    batch_size: int
+    images_per_s: float
+    latency_ms_p50: float
+    latency_ms_p90: float
+    peak_rss_mb: float | None  # None where the platform cannot reset the peak (non-Linux)
+    setup_s: float  # building the runner: fusing, exporting, compiling, first run
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics."""
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def time_calls(fn: Callable[[], object], iters: int, warmup: int) -> list[float]:
+    """Wall-clock seconds of ``iters`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter of this process (Linux); False where unsupported.
+
+    Memory freed by setup (export, compilation) is first handed back to the OS, so it does not count.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size since start or the last reset, in MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def summarize(backend: str, batch_size: int, times: list[float], setup_s: float, rss: float | None) -> BenchResult:
+    return BenchResult(backend=backend, batch_size=batch_size, images_per_s=batch_size * len(times) / sum(times),
+                       latency_ms_p50=1e3 * statistics.median(times), latency_ms_p90=1e3 * percentile(times, 90),
+                       peak_rss_mb=rss, setup_s=setup_s)
+
+
+def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_size: int = 1,
+               input_size: tuple[int, int] = (224, 224), threads: int | None = None, iters: int = 20,
+               warmup: int = 3) -> BenchResult:
+    """Measure one backend in this process (see :func:`bench` for the fresh-process version).
+
+    Without ``checkpoint`` the model keeps its random initialisation: the weights' values do not
+    change the amount of work.
+    """
+    from ..models import create_model
+    from .runners import make_runner
+
+    if threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = create_model(name, checkpoint=checkpoint).eval()
+    run = make_runner(model, backend, input_size=input_size, threads=threads)
+    x = torch.randn(batch_size, 3, *input_size)
+    run(x)
+    setup_s = time.perf_counter() - start
+    del model  # serve from the runner alone, as a deployment would
+    resettable = reset_peak_rss()
+    times = time_calls(lambda: run(x), iters, warmup)
+    return summarize(backend, batch_size, times, setup_s, peak_rss_mb() if resettable else None)
+
+
+def bench(name: str, backend: str, **kwargs) -> BenchResult:
+    """:func:`bench_here` in a fresh Python process, so peak memory is this backend's alone."""
+    job = json.dumps({"name": name, "backend": backend, **kwargs})
+    proc = subprocess.run([sys.executable, "-m", "hrnet.deploy.bench", job], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
+        raise HRNetError(f"benchmark of {name} with backend {backend} failed: {lines[-1]}")
+    return BenchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _main() -> None:
+    job = json.loads(sys.argv[1])
+    if job.get("input_size") is not None:
+        job["input_size"] = tuple(job["input_size"])
+    print(json.dumps(asdict(bench_here(job.pop("name"), job.pop("backend"), **job))))
+
+
+if __name__ == "__main__":
+    _main()

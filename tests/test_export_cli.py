@@ -1,0 +1,50 @@
+"""The ``hrnet export`` and ``hrnet bench`` commands."""
+
+from __future__ import annotations
+
+import json
+
+import onnxruntime as ort
+import torch
+
+from hrnet.cli import main
+from hrnet.models import create_model
+from hrnet.weights import save_checkpoint
+
+from test_deploy import RTOL, randomize_bn, rel_err
+
+
+def test_export_command_writes_a_checked_onnx_file_from_a_checkpoint(tmp_path, capsys):
+    model = randomize_bn(create_model("hrnet-w18-small"))
+    ckpt = save_checkpoint(model, tmp_path / "w.safetensors")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "hrnet-w18-small", "--checkpoint", str(ckpt), "-o", str(out), "--input-size", "64", "64",
+                 "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info == {"path": str(out), "format": "onnx", "batch": "dynamic", "bytes": out.stat().st_size,
+                    "checked": True}
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        want = model(x)
+    assert rel_err(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), want) < RTOL
+
+
+def test_export_command_rejects_an_unknown_extension_and_opset_for_pt2(tmp_path, capsys):
+    assert main(["export", "hrnet-w18-small", "-o", str(tmp_path / "m.bin")]) == 1
+    assert "m.bin: cannot tell the format" in capsys.readouterr().err
+    assert main(["export", "hrnet-w18-small", "-o", str(tmp_path / "m.pt2"), "--opset", "18"]) == 1
+    assert "--opset applies to ONNX only" in capsys.readouterr().err
+
+
+def test_bench_command_reports_every_key_per_backend(capsys):
+    assert main(["bench", "hrnet-w18-small", "--backend", "eager", "fused", "--input-size", "64", "64",
+                 "--batch-size", "2", "--iters", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["backend"] for r in rows] == ["eager", "fused"]
+    for r in rows:
+        assert r["batch_size"] == 2
+        assert 0 < r["latency_ms_p50"] <= r["latency_ms_p90"]
+        # 2 images per batch: throughput and latency describe the same timings
+        assert r["images_per_s"] < 2 / (r["latency_ms_p50"] / 1e3) * 3
+        assert 50 < r["peak_rss_mb"] < 8000
