@@ -24,13 +24,22 @@ HUB_WEIGHTS = "model.safetensors"
 HUB_CONFIG = "config.json"
 _TORCH_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)  # torch.save's first record
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy's array rebuild function, whatever module numpy keeps it in
-# Everything a pickled dict of numpy arrays needs; protocol 2 spells bytes as _codecs.encode(str, "latin1").
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """Protocol-2 pickles spell bytes as ``_codecs.encode(str, "latin1")``; nothing else is admitted."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+# Everything a pickled dict of numpy arrays needs, and nothing more.
 _NUMPY_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): __import__("codecs").encode,
+    ("_codecs", "encode"): _latin1_bytes,
 }
 
 
