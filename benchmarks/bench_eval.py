@@ -25,8 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hrnet.data import imagenet_wnids
-from hrnet.data.loader import default_workers
+from hrnet.data import default_workers, imagenet_wnids
 from hrnet.engine.evaluate import evaluate
 from hrnet.engine.predict import Classifier
 from hrnet.models import create_model

@@ -13,17 +13,14 @@ from PIL import Image
 from hrnet.cli import main
 from hrnet.engine.cam import grad_cam
 from hrnet.engine.predict import predict
-from hrnet.weights import save_checkpoint
-from test_predict import CROP, MODEL, SHORT, random_model, write_photos
+from test_predict import CROP, MODEL, SHORT, model_and_photos
 from test_transforms import mmcls_reference
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cam")
-    photos = write_photos(d / "photos")
-    model = random_model(photos)
-    return model, save_checkpoint(model, d / "random.safetensors"), photos
+    model, ckpt, photos, _ = model_and_photos(tmp_path_factory.mktemp("cam"))
+    return model, ckpt, photos
 
 
 def test_grad_cam_equals_class_activation_map(setup):

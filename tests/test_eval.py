@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +16,8 @@ from hrnet.cli import main
 from hrnet.data import imagenet_names, imagenet_wnids
 from hrnet.engine.evaluate import evaluate
 from hrnet.engine.predict import predict
-from hrnet.weights import save_checkpoint
 from test_data import make_bad_corpus
-from test_predict import CROP, FAST, MODEL, random_model, reference_logits, write_photos
+from test_predict import CROP, FAST, MODEL, model_and_photos
 
 # For photo i, the label is the class the model ranks at RANKS[i]: rank 0 hits top-1, 1-4 top-5 only.
 RANKS = [0, 2, 40, 0, 3, 0, 40]
@@ -29,10 +27,7 @@ TOP1, TOP5 = 100 * 3 / 7, 100 * 5 / 7
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval")
-    photos = write_photos(d / "flat")
-    model = random_model(photos)
-    ckpt = save_checkpoint(model, d / "random.safetensors")
-    logits = reference_logits(model, photos)
+    model, ckpt, photos, logits = model_and_photos(d)
     labels = []
     for row, rank in zip(logits, RANKS):
         order = row.argsort(descending=True)
@@ -65,7 +60,7 @@ def test_imagenet_folders_give_the_known_top1_top5(setup, capsys):
 def test_annotation_file_and_per_class(setup, tmp_path, capsys):
     _, ckpt, photos, labels, _ = setup
     ann = tmp_path / "val.txt"
-    ann.write_text("".join(f"flat/{p.name} {label}\n" for p, label in zip(photos, labels)))
+    ann.write_text("".join(f"photos/{p.name} {label}\n" for p, label in zip(photos, labels)))
     r = run_eval("--checkpoint", str(ckpt), "--data", str(photos[0].parent.parent), "--ann-file", str(ann),
                  "--per-class", capsys=capsys)
     assert r["top1"] == pytest.approx(TOP1) and r["top5"] == pytest.approx(TOP5) and r["n"] == 7

@@ -67,13 +67,16 @@ def reference_logits(model: torch.nn.Module, files: list[Path]) -> torch.Tensor:
         return torch.cat([model(t[None]) for t in x])
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("predict")
+def model_and_photos(d: Path) -> tuple[torch.nn.Module, Path, list[Path], torch.Tensor]:
+    """Photos in ``d/photos``, a random model saved to ``d/random.safetensors``, its reference logits."""
     photos = write_photos(d / "photos")
     model = random_model(photos)
-    ckpt = save_checkpoint(model, d / "random.safetensors")
-    return model, ckpt, photos, reference_logits(model, photos)
+    return model, save_checkpoint(model, d / "random.safetensors"), photos, reference_logits(model, photos)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return model_and_photos(tmp_path_factory.mktemp("predict"))
 
 
 def test_predict_cli_json_matches_independent_ranking(setup, capsys):

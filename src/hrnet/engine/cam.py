@@ -23,7 +23,8 @@ class UnknownClassError(HRNetError):
     """A class index the model does not have."""
 
 
-def grad_cam(model: torch.nn.Module, x: torch.Tensor, class_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_cam(model: torch.nn.Module, x: torch.Tensor,
+             class_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM of one normalised image ``x`` (3×H×W) for ``class_index`` (default: the top class).
 
     Returns ``(cam, probs)``: the H×W map scaled to [0, 1] (all zeros if nothing supports the class)
@@ -51,8 +52,9 @@ def _jet(v: np.ndarray) -> np.ndarray:
     return (np.stack(rgb, -1) * 255).astype(np.uint8)
 
 
-def render(crop: Image.Image, cam: np.ndarray, topk: list[dict], class_index: int, display: int = 320) -> Image.Image:
-    """The crop with the heat map over it, and a bar chart of ``topk`` (``class_index`` highlighted)."""
+def render(crop: Image.Image, cam: np.ndarray, topk: list[dict], explained: dict, display: int = 320) -> Image.Image:
+    """The crop with the heat map over it, and a bar chart of ``topk`` (the ``explained`` class,
+    ``{"index", "label"}``, highlighted)."""
     font = ImageFont.load_default(size=14)
     heat = Image.fromarray(_jet(cam)).resize((display, display), Image.BILINEAR)
     overlay = Image.blend(crop.resize((display, display), Image.BILINEAR), heat, 0.45)
@@ -60,15 +62,14 @@ def render(crop: Image.Image, cam: np.ndarray, topk: list[dict], class_index: in
     canvas = Image.new("RGB", (display + chart_w, display + title_h), "white")
     canvas.paste(overlay, (0, title_h))
     draw = ImageDraw.Draw(canvas)
-    names = {t["index"]: t["label"] for t in topk}
-    title = names.get(class_index, str(class_index)).split(",")[0]
-    draw.text((pad, 8), f"Grad-CAM: {title} ({class_index})", fill="black", font=font)
+    title = f"Grad-CAM: {explained['label'].split(',')[0]} ({explained['index']})"
+    draw.text((pad, 8), title, fill="black", font=font)
     row_h, bar_max = (display - pad) // max(1, len(topk)), chart_w - 3 * pad - 60
     for r, t in enumerate(topk):
         x0, y0 = display + pad, title_h + pad + r * row_h
         draw.text((x0, y0), f"{r + 1}. {t['label'].split(',')[0][:36]}", fill="black", font=font)
         width = max(1, round(bar_max * t["score"]))
-        colour = (214, 39, 40) if t["index"] == class_index else (31, 119, 180)
+        colour = (214, 39, 40) if t["index"] == explained["index"] else (31, 119, 180)
         draw.rectangle((x0, y0 + 20, x0 + width, y0 + 34), fill=colour)
         draw.text((x0 + width + 6, y0 + 20), f"{100 * t['score']:.1f}%", fill="black", font=font)
     return canvas
@@ -90,6 +91,6 @@ def cam_image(model_or_name: torch.nn.Module | str, image: PathLike, output: Pat
     cam, probs = grad_cam(clf.model, x, class_index)
     top = topk_records(probs[None].cpu(), clf.labels, topk)[0]
     c = top[0]["index"] if class_index is None else class_index
-    render(crop, cam.cpu().numpy(), top, c).save(output)
-    return {"file": os.fspath(image), "output": os.fspath(output), "class": {"index": c, "label": clf.labels[c]},
-            "topk": top}
+    explained = {"index": c, "label": clf.labels[c]}
+    render(crop, cam.cpu().numpy(), top, explained).save(output)
+    return {"file": os.fspath(image), "output": os.fspath(output), "class": explained, "topk": top}

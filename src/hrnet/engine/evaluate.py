@@ -12,8 +12,7 @@ import time
 import torch
 from torch import nn
 
-from ..data import DatasetError, ImageDataset
-from ..data.loader import shard
+from ..data import DatasetError, ImageDataset, shard
 from .distributed import all_gather_objects, all_reduce_sum, init_distributed
 from .predict import Classifier, PathLike
 

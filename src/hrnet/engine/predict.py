@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import Batch, EvalTransform, ImageList, ImageReadError, class_names, eval_transform, find_images
-from ..data.loader import inference_loader
+from ..data import (Batch, EvalTransform, ImageList, ImageReadError, class_names, eval_transform, find_images,
+                    inference_loader)
 from ..deploy import Runner, make_runner
 from .distributed import default_device
 
@@ -46,8 +46,8 @@ class Classifier:
         device = device or default_device()
         model = model.to(device).eval()
         transform = eval_transform(model, input_size, crop_pct)
-        size = (transform.input_size, transform.input_size)
-        return cls(model, device, transform, class_names(model.num_classes), make_runner(model, backend, input_size=size))
+        runner = make_runner(model, backend, input_size=(transform.input_size, transform.input_size))
+        return cls(model, device, transform, class_names(model.num_classes), runner)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.runner(images.to(self.device, non_blocking=True)).float()
