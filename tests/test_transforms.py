@@ -85,3 +85,16 @@ def test_extreme_panorama_does_not_materialise_the_huge_resize():
 def test_bad_overrides_are_one_line_errors(kwargs):
     with pytest.raises(TransformConfigError):
         EvalTransform.from_config(EvalConfig(), **kwargs)
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (257, 300)], ids=["500x375", "375x500", "257x300"])
+def test_eval_transform_matches_the_official_repos_torchvision_pipeline(photos, size):
+    """The official HRNet repo evaluates with torchvision Resize(256) + CenterCrop(224): same pixels."""
+    from torchvision import transforms as T
+
+    official = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(224), T.ToTensor(),
+                          T.Normalize(MEAN / 255, STD / 255)])
+    t = EvalTransform.from_config(EvalConfig())
+    for photo in photos:
+        img = photo.resize(size, Image.LANCZOS)
+        np.testing.assert_allclose(t(img).numpy(), official(img).numpy(), rtol=0, atol=1e-5)
