@@ -41,6 +41,7 @@ def sha256_prefix(filename: str) -> str | None:
 
 
 def is_url(source: str | os.PathLike) -> bool:
+    """Whether ``source`` is an http(s) URL rather than a local path."""
     return isinstance(source, str) and source.startswith(("http://", "https://"))
 
 
@@ -58,7 +59,8 @@ def fetch(url: str, filename: str | None = None, *, progress: bool = True) -> Pa
     try:
         stream, total = _open(source)
     except (OSError, ValueError) as e:
-        raise DownloadError(f"cannot download {source} into {dest} ({_reason(e)}); {LOCAL_HINT}") from None
+        via = f" from the mirror {source}" if source != url else ""
+        raise DownloadError(f"cannot download {url}{via} into {dest} ({_reason(e)}); {LOCAL_HINT}") from None
     _save(stream, total, source, dest, sha256_prefix(filename), progress)
     return dest
 
