@@ -2,9 +2,10 @@
 
 from .errors import HRNetError, UnknownModelError
 from .models import count_flops, count_params, create_model, get_model_info, list_models
+from .weights import load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 __all__ = [
     "HRNetError", "UnknownModelError", "count_flops", "count_params", "create_model", "get_model_info",
-    "list_models",
+    "list_models", "load_checkpoint", "save_checkpoint",
 ]

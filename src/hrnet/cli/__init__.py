@@ -13,6 +13,7 @@ EPILOG = """examples:
   hrnet list                          the model zoo table
   hrnet info hrnet_w18_ssld           one record (any alias works)
   hrnet flops hrnet-w48 --input-size 288 288 --json
+  hrnet convert HRNet_W18_C_ssld_pretrained.pdparams w18-ssld.safetensors
 
 'hrnet COMMAND --help' explains each command."""
 

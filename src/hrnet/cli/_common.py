@@ -44,5 +44,6 @@ def load_model(args: argparse.Namespace, **kwargs: Any):
     from ..engine.distributed import default_device
     from ..models import create_model
 
-    model = create_model(args.name, pretrained=args.checkpoint is None, checkpoint=args.checkpoint, **kwargs)
+    model = create_model(args.name, pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
+                         progress=not getattr(args, "quiet", False), **kwargs)
     return model.to(args.device or default_device()).eval()

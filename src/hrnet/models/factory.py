@@ -30,12 +30,14 @@ def create_model(
     features_only: bool = False,
     out_indices: tuple[int, ...] | None = None,
     feature_location: FeatureLocation = "incre",
+    progress: bool = True,
 ) -> nn.Module:
     """Build an HRNet classifier, or with ``features_only=True`` its multi-resolution extractor.
 
     ``pretrained=True`` loads the record's published weights (downloaded once into the cache);
     ``checkpoint`` loads a local file, directory or URL in any supported format instead.
     ``num_classes`` replaces the classifier (pretrained weights then load all but the classifier).
+    ``progress`` shows a bar while downloading.
     """
     record = resolve(name)
     if features_only:
@@ -52,5 +54,5 @@ def create_model(
     if pretrained or checkpoint is not None:
         from ..weights import load_weights
 
-        load_weights(model, record if checkpoint is None else checkpoint)
+        load_weights(model, record if checkpoint is None else checkpoint, progress=progress)
     return model
