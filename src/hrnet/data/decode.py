@@ -4,7 +4,8 @@ one-line :class:`ImageReadError` naming the file and the reason.
 Handles EXIF orientation, CMYK, greyscale, RGBA, palette (with transparency), 16-bit and float
 images, and the first frame of animations. Decompression bombs are refused as soon as PIL sees the
 header: PIL's ``DecompressionBombWarning`` (more than ``Image.MAX_IMAGE_PIXELS`` pixels) is
-treated as an error, like its ``DecompressionBombError`` (twice that).
+treated as an error, like its ``DecompressionBombError`` (twice that). PIL's other warnings are about
+oddities it recovers from (corrupt EXIF, say) and are silenced.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageReadError(f"{path}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # recoverable oddities (bad EXIF...) decode fine: no chatter
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with open(path, "rb") as f:  # PIL does not own f, so the decoded pixels outlive it
                 img = Image.open(f)

@@ -20,7 +20,8 @@ from .predict import Classifier, PathLike
 def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLike | None = None,
              checkpoint: PathLike | None = None, batch_size: int = 32, workers: int | None = None,
              device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
-             per_class: bool = False, strict: bool = False, progress: bool = False, backend: str = "eager") -> dict:
+             per_class: bool = False, strict: bool = False, progress: bool = False,
+             backend: str = "eager") -> dict:
     """Evaluate on ``data`` (ImageNet wnid folders, class folders, or ``ann_file`` lines).
 
     Returns ``{"top1", "top5", "n", "skipped": [{"file", "error"}], "images_per_s"}`` with accuracies in
