@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import HRNetError
+from .export import INPUT_NAME
 from .optimize import FusedHRNet, fuse_model
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -81,20 +84,39 @@ def _compile(model: nn.Module, input_size: tuple[int, int]) -> Runner:
     return run
 
 
-def _onnxruntime(model: nn.Module, input_size: tuple[int, int], threads: int | None) -> Runner:
-    from .export import export_onnx
+class OnnxRuntimeRunner:
+    """onnxruntime on the fused graph, one batch chunk per core.
 
-    import_onnxruntime()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(model, path, input_size=input_size, check=False)
-        session = ort_session(path, threads)
-    name = session.get_inputs()[0].name
+    A batch of at least two images is split into one chunk per thread, and each chunk runs on a
+    single-threaded session concurrently (onnxruntime releases the GIL): every core then works on
+    whole convolutions, with no intra-op synchronisation between the many small ones of HRNet.
+    Smaller batches use a multi-threaded session, created on first need.
+    """
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        logits = session.run(None, {name: x.detach().float().cpu().contiguous().numpy()})[0]
+    def __init__(self, model: nn.Module, input_size: tuple[int, int], threads: int | None):
+        from .export import export_onnx
+
+        import_onnxruntime()
+        self.threads = threads or os.cpu_count() or 1
+        self._dir = tempfile.TemporaryDirectory()  # the file lives as long as the runner
+        self.path = export_onnx(model, Path(self._dir.name) / "model.onnx", input_size=input_size, check=False)
+        self.serial = ort_session(self.path, 1)
+        self.pool = ThreadPoolExecutor(self.threads)
+        self._multi = None
+
+    def _run(self, session, x: np.ndarray) -> np.ndarray:
+        return session.run(None, {INPUT_NAME: x})[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.detach().float().cpu().contiguous().numpy()
+        if len(images) >= 2 and self.threads > 1:
+            chunks = np.array_split(images, min(self.threads, len(images)))
+            logits = np.concatenate(list(self.pool.map(lambda c: self._run(self.serial, c), chunks)))
+        else:
+            if self._multi is None:
+                self._multi = ort_session(self.path, self.threads)
+            logits = self._run(self._multi, images)
         return torch.from_numpy(logits).to(x.device)
-    return run
 
 
 def make_runner(model: nn.Module, backend: str = "eager", *, input_size: tuple[int, int] = (224, 224),
@@ -103,8 +125,8 @@ def make_runner(model: nn.Module, backend: str = "eager", *, input_size: tuple[i
 
     ``model`` is an eval-ready :class:`~hrnet.models.hrnet.HRNet` classifier (for ``eager``, any
     module). ``input_size`` is the (H, W) the ``compile`` backend is warmed up on and the
-    ``onnxruntime`` graph is exported for; ``threads`` sets
-    onnxruntime's intra-op threads (PyTorch backends follow ``torch.set_num_threads``). The model
+    ``onnxruntime`` graph is exported for; ``threads`` sets how
+    many cores onnxruntime uses (default: all; PyTorch backends follow ``torch.set_num_threads``). The model
     itself is never modified: optimised backends work on a fused copy.
     """
     if backend == "eager":
@@ -114,5 +136,5 @@ def make_runner(model: nn.Module, backend: str = "eager", *, input_size: tuple[i
     if backend == "compile":
         return _compile(model, input_size)
     if backend == "onnxruntime":
-        return _onnxruntime(model, input_size, threads)
+        return OnnxRuntimeRunner(model, input_size, threads)
     raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
