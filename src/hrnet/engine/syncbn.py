@@ -10,8 +10,23 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of every rank's input is the sum of every rank's output gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -22,18 +37,21 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         dims = (0, 2, 3)
         count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
-        total = dist_fn.all_reduce(torch.cat([x.sum(dims), count]))
+        total = _AllReduceSum.apply(torch.cat([x.sum(dims), count]))
         n = total[-1]
         mean = total[:-1] / n
         centred = x - mean[None, :, None, None]
-        var = dist_fn.all_reduce(centred.square().sum(dims)) / n
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.lerp_(mean.detach(), m)
-            self.running_var.lerp_(var.detach() * n / (n - 1), m)
+        var = _AllReduceSum.apply(centred.square().sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var.detach() * n / (n - 1)).to(self.running_var.dtype), m)
         y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
-        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
@@ -41,8 +59,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm2d):
+        ref = next(iter(module.state_dict().values()))
         new = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats, device=module.weight.device)
+                              module.track_running_stats, device=ref.device, dtype=ref.dtype)
         new.load_state_dict(module.state_dict())
         return new
     for name, child in module.named_children():

@@ -321,7 +321,7 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=amp) if amp else nullcontext()
         with autocast:
             logits = self.ddp(images)
-            loss = self.criterion(logits.float(), labels)
+        loss = self.criterion(logits.float() if amp else logits, labels)
         bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0]))
         if bad.item() and not skip_allowed:
             where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
