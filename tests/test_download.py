@@ -26,6 +26,7 @@ class Server:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.requests: list[str] = []
+        self.delay = 0.0  # seconds between the headers and the body
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -38,6 +39,7 @@ class Server:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                time.sleep(server.delay)
                 self.wfile.write(body[: len(body) // 2] if self.path.startswith("/drop/") else body)
                 self.close_connection = True
 
@@ -105,6 +107,23 @@ def test_checkpoint_url_is_cached_and_hash_checked(server, home, weights):
     assert same_weights(create_model(SMALL, checkpoint=url), model)
     assert same_weights(create_model(SMALL, checkpoint=url), model)
     assert len(server.requests) == 1 and (home / f"w-{sha[:10]}.safetensors").is_file()
+
+
+def test_concurrent_fetches_download_once(server, home, weights):
+    # torchrun ranks that all ask for pretrained weights: one downloads, the others wait for it.
+    data, sha, _ = weights
+    name = f"w-{sha[:8]}.safetensors"
+    server.files[f"/c/{name}"] = data
+    server.delay = 0.5
+    paths: list[Path] = []
+    threads = [threading.Thread(target=lambda: paths.append(download.fetch(f"{server.url}/c/{name}", progress=False)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert server.requests == [f"/c/{name}"]
+    assert paths == [home / name] * 3 and (home / name).read_bytes() == data
 
 
 def test_hash_mismatch_is_rejected_and_nothing_cached(server, home, weights):

@@ -22,6 +22,12 @@ MMCLS_BASE = "https://download.openmmlab.com/mmclassification/v0/hrnet/"
 HF_BASE = "https://huggingface.co/timm/{}/resolve/main/model.safetensors"
 
 
+def sha256_prefix(filename: str) -> str | None:
+    """The hex digits after the last '-' of ``name-<hex>.ext`` (the torch.hub convention), if any."""
+    m = re.search(r"-([0-9a-f]{8,64})\.[a-z.]+$", filename)
+    return m.group(1) if m else None
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """How the published accuracy was measured: resize the short edge to ``resize_size`` (the long
@@ -62,9 +68,7 @@ class ModelRecord:
 
     @property
     def sha256_prefix(self) -> str | None:
-        """The hex digits after the last '-' of the file name (torch.hub convention), if any."""
-        m = re.search(r"-([0-9a-f]{8,64})\.[a-z.]+$", self.filename)
-        return m.group(1) if m else None
+        return sha256_prefix(self.filename)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -9,19 +9,20 @@ serves the same file names as the cache, still hash-checked.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
-import re
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
+from ..models.zoo import sha256_prefix
 from .errors import ChecksumError, DownloadError
 
 TIMEOUT = 10.0  # seconds to connect, and to wait for each chunk: an unreachable host fails fast
@@ -32,12 +33,6 @@ LOCAL_HINT = "pass a local file instead: checkpoint=PATH in Python, --checkpoint
 def cache_dir() -> Path:
     """Where downloaded weights are kept: ``$HRNET_HOME/checkpoints``."""
     return Path(os.environ.get("HRNET_HOME") or "~/.cache/hrnet").expanduser() / "checkpoints"
-
-
-def sha256_prefix(filename: str) -> str | None:
-    """The hex digits after the last '-' of ``name-<hex>.ext`` (the torch.hub convention), if any."""
-    m = re.search(r"-([0-9a-f]{8,64})\.[a-z.]+$", filename)
-    return m.group(1) if m else None
 
 
 def is_url(source: str | os.PathLike) -> bool:
@@ -56,13 +51,34 @@ def fetch(url: str, filename: str | None = None, *, progress: bool = True) -> Pa
     mirror = os.environ.get("HRNET_MIRROR")
     source = url if not mirror else (mirror.rstrip("/") + "/" + filename if is_url(mirror)
                                      else str(Path(mirror).expanduser() / filename))
-    try:
-        stream, total = _open(source)
-    except (OSError, ValueError) as e:
-        via = f" from the mirror {source}" if source != url else ""
-        raise DownloadError(f"cannot download {url}{via} into {dest} ({_reason(e)}); {LOCAL_HINT}") from None
-    _save(stream, total, source, dest, sha256_prefix(filename), progress)
+    with _exclusive(filename):
+        if dest.is_file():  # another process (a torchrun rank, say) fetched it while we waited
+            return dest
+        try:
+            stream, total = _open(source)
+        except (OSError, ValueError) as e:
+            via = f" from the mirror {source}" if source != url else ""
+            raise DownloadError(f"cannot download {url}{via} into {dest} ({_reason(e)}); {LOCAL_HINT}") from None
+        _save(stream, total, source, dest, sha256_prefix(filename), progress)
     return dest
+
+
+@contextlib.contextmanager
+def _exclusive(filename: str) -> Iterator[None]:
+    """One downloader per file across processes: the others wait, then find it cached."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent downloads stay correct (atomic rename), only wasteful
+        yield
+        return
+    locks = cache_dir().parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{filename}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _reason(e: BaseException) -> str:
