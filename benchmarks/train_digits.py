@@ -22,7 +22,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from hrnet import create_model
-from hrnet.data import EvalTransform, ImageDataset, collate
+from hrnet.data import ImageDataset, collate, eval_transform
 from hrnet.engine.config import load_config
 from hrnet.engine.train import train
 
@@ -49,9 +49,10 @@ def write_digits(root: Path, size: int = 32, held_out: float = 0.2, seed: int = 
 
 @torch.no_grad()
 def held_out_accuracy(name: str, weights: Path, val_dir: Path, input_size: int) -> float:
-    """Top-1 of the exported weights on the held-out folder, through the public loading path."""
-    data = ImageDataset(val_dir, transform=EvalTransform(input_size, input_size))
-    model = create_model(name, checkpoint=weights, num_classes=len(data.classes)).eval()
+    """Top-1 of the exported weights on the held-out folder, through the public loading path and the
+    evaluation transform of ``hrnet eval --input-size``."""
+    model = create_model(name, checkpoint=weights, num_classes=10).eval()
+    data = ImageDataset(val_dir, transform=eval_transform(model, input_size=input_size))
     correct = total = 0
     for batch in torch.utils.data.DataLoader(data, batch_size=128, collate_fn=collate):
         correct += (model(batch.images).argmax(1) == batch.labels).sum().item()

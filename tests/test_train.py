@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from hrnet import create_model
 from hrnet.cli import main as hrnet_main
-from hrnet.data import EvalTransform, ImageDataset, Sample, collate
+from hrnet.data import ImageDataset, Sample, collate, eval_transform
 from hrnet.engine.checkpoint import checkpoints, load_state
 from hrnet.engine.config import load_config
 from hrnet.engine.sampler import EpochSeeded, ShardedBatchSampler
@@ -43,6 +43,15 @@ def _load_benchmark():
 
 
 write_digits = _load_benchmark().write_digits
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP spinning makes tiny convolutions crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_config(tmp_path: Path, name: str, text: str) -> Path:
@@ -219,3 +228,102 @@ def test_two_processes_with_syncbn_match_one_process_with_the_same_global_batch(
             assert torch.equal(rank0[k], want), k
     moved = [k for k in single if "weight" in k and (single[k] - initial[k]).abs().max() > 1e-4]
     assert len(moved) > 0.9 * sum("weight" in k for k in single)  # the comparison is not of untouched weights
+
+
+# ---- non-finite loss --------------------------------------------------------------------------
+
+class PoisonedAfter(Dataset):
+    """Random 32x32 images whose pixels turn NaN for the fetches numbered in ``poisoned``."""
+
+    classes = ["a", "b", "c", "d"]
+
+    def __init__(self, poisoned: range):
+        self.poisoned, self.fetched = poisoned, 0
+        self.images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Sample:
+        image = self.images[i].clone()
+        if self.fetched in self.poisoned:
+            image[0, 0, 0] = float("nan")
+        self.fetched += 1
+        return Sample(image, i % 4, i)
+
+
+def nan_config(tmp_path: Path, *extra: str):
+    return load_config(None, ["model.name=hrnet-w18-small", "data.input_size=32", "data.batch_size=4",
+                              "data.workers=0", "schedule.epochs=1", "output.log_every=1",
+                              "output.checkpoint_every=2", f"output.dir={tmp_path / 'run'}", *extra])
+
+
+def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    cfg = nan_config(tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3 \(epoch 1\); the weights "
+                                                 r"were not updated; the last good checkpoint is .*step-00000002\.pt"):
+        train(cfg, quiet=True, train_set=PoisonedAfter(range(8, 12)))  # the third batch of 4
+    run = tmp_path / "run"
+    assert [p.name for p in checkpoints(run / "checkpoints")] == ["step-00000002.pt"]
+    state = load_state(run / "checkpoints" / "step-00000002.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.dtype.is_floating_point)
+    assert max(r["step"] for r in log_records(run)) == 2
+
+
+def test_nan_loss_is_skipped_when_the_config_says_so(tmp_path):
+    cfg = nan_config(tmp_path, "train.on_nonfinite=skip")
+    trainer = Trainer(cfg, quiet=True, train_set=PoisonedAfter(range(8, 12)))
+    trainer.fit()
+    records = log_records(tmp_path / "run")
+    assert [r["step"] for r in records if r["kind"] == "skipped"] == [3]
+    assert trainer.step == 12
+    state = trainer.model.state_dict()  # parameters and BatchNorm statistics alike
+    assert all(torch.isfinite(v).all() for v in state.values() if v.dtype.is_floating_point)
+    assert state["bn1.num_batches_tracked"].item() == 11  # the skipped batch left no trace
+
+
+# ---- real digits, end to end --------------------------------------------------------------------
+
+DIGITS_CFG = """
+model: {{name: hrnet-w18-small}}
+data: {{train: {data}/train, val: {data}/val, input_size: 32, crop_scale: [0.6, 1.0], hflip: false,
+       batch_size: 16, workers: 0}}
+optim: {{lr: 0.16}}
+schedule: {{epochs: 4, warmup_epochs: 0.5}}
+output: {{dir: {run}, log_every: 5}}
+"""
+
+
+def test_short_digits_run_learns_exports_loadable_weights_and_plots(tmp_path, capsys):
+    write_digits(tmp_path / "d", size=32, per_class=40)  # 320 training and 80 held-out real digits
+    run = tmp_path / "run"
+    cfg = run_config(tmp_path, "digits", DIGITS_CFG.format(data=tmp_path / "d", run=run))
+    assert hrnet_main(["train", str(cfg), "--json", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 4 * 20 and Path(summary["best_weights"]) == run / "best.safetensors"
+
+    records = log_records(run)
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert {"loss", "accuracy", "lr", "images_per_s", "memory_mb"} <= steps[0].keys()
+    assert epochs[-1]["loss"] < 0.6 * steps[0]["loss"]  # the loss falls
+    best = max(r["val_top1"] for r in epochs)
+    assert best >= 50.0  # chance is 10 %
+
+    # the exported weights, loaded through the public path, score what the log says
+    model = create_model("hrnet-w18-small", checkpoint=run / "best.safetensors", num_classes=10).eval()
+    data = ImageDataset(tmp_path / "d" / "val", transform=eval_transform(model, input_size=32))
+    batch = collate([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        correct = (model(batch.images).argmax(1) == batch.labels).sum().item()
+    assert 100.0 * correct / len(data) == pytest.approx(best)
+
+    png = tmp_path / "curves.png"
+    assert hrnet_main(["plot", str(run), "-o", str(png)]) == 0
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape == (3 * 230 + 20, 720, 3)
+    blue = (img == (31, 119, 180)).all(axis=2)
+    orange = (img == (230, 110, 20)).all(axis=2)
+    for panel in range(3):  # a training curve in every panel, validation points in the first two
+        assert blue[panel * 230:(panel + 1) * 230].sum() > 100
+    assert orange[:460].sum() > 20
