@@ -18,8 +18,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -c constraints.txt -e '.[test]'
 	touch $@
 
+# The zoo with params/FLOPs counted live, then hrnet-w18's published weights on the example photos
+# (downloaded once into ~/.cache/hrnet; without network this stops with a one-line hint).
 demo: $(VENV)/.installed
 	$(VENV)/bin/hrnet list --measure
+	$(VENV)/bin/hrnet predict hrnet-w18 $(DEMO_DIR)
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -q
