@@ -252,14 +252,15 @@ class PoisonedAfter(Dataset):
         return Sample(image, i % 4, i)
 
 
-def nan_config(tmp_path: Path, *extra: str):
+def tiny_config(tmp_path: Path, *extra: str):
+    """hrnet-w18-small on 32x32 inputs, batches of 4, one epoch, a checkpoint every 2 steps."""
     return load_config(None, ["model.name=hrnet-w18-small", "data.input_size=32", "data.batch_size=4",
                               "data.workers=0", "schedule.epochs=1", "output.log_every=1",
                               "output.checkpoint_every=2", f"output.dir={tmp_path / 'run'}", *extra])
 
 
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
-    cfg = nan_config(tmp_path)
+    cfg = tiny_config(tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 3 \(epoch 1\); the weights "
                                                  r"were not updated; the last good checkpoint is .*step-00000002\.pt"):
         train(cfg, quiet=True, train_set=PoisonedAfter(range(8, 12)))  # the third batch of 4
@@ -271,7 +272,7 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
 
 
 def test_nan_loss_is_skipped_when_the_config_says_so(tmp_path):
-    cfg = nan_config(tmp_path, "train.on_nonfinite=skip")
+    cfg = tiny_config(tmp_path, "train.on_nonfinite=skip")
     trainer = Trainer(cfg, quiet=True, train_set=PoisonedAfter(range(8, 12)))
     trainer.fit()
     records = log_records(tmp_path / "run")
@@ -327,3 +328,21 @@ def test_short_digits_run_learns_exports_loadable_weights_and_plots(tmp_path, ca
     for panel in range(3):  # a training curve in every panel, validation points in the first two
         assert blue[panel * 230:(panel + 1) * 230].sum() > 100
     assert orange[:460].sum() > 20
+
+
+@pytest.mark.parametrize("switches", [
+    ["train.amp=bf16", "train.channels_last=true"],
+    ["train.amp=fp16", "train.clip_grad_norm=1.0"],
+    ["train.ema_decay=0.5", "train.label_smoothing=0.1", "optim.name=adamw", "optim.lr=0.01"],
+])
+def test_precision_and_regularisation_switches_train_to_finite_weights(tmp_path, switches):
+    cfg = tiny_config(tmp_path, "data.batch_size=8", *switches)
+    trainer = Trainer(cfg, quiet=True, train_set=PoisonedAfter(range(0)))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.dtype.is_floating_point)
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
+    if trainer.ema:  # the EMA lags the model: a convex mix of where it started and where it went
+        ema = trainer.ema.module.state_dict()["classifier.weight"]
+        assert not torch.equal(ema, after["classifier.weight"]) and not torch.equal(ema, before["classifier.weight"])

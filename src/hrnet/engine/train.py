@@ -138,7 +138,8 @@ class Trainer:
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.ddp = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+        # what the training step calls: the DDP wrapper in a distributed run, else the model itself
+        self.train_model = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.dist.distributed else model)
         self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         random.seed(cfg.train.seed + self.dist.rank)
@@ -280,7 +281,7 @@ class Trainer:
         seeded.epoch = self.epoch
         self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch)
         loader = self._loader(seeded, batch_sampler=self.sampler)
-        self.ddp.train()
+        self.train_model.train()
         # running sums since the last log line and over the epoch: loss x n, correct, n
         window = torch.zeros(3, dtype=torch.float64)
         tic = time.perf_counter()
@@ -320,7 +321,7 @@ class Trainer:
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
         autocast = torch.autocast(self.device.type, dtype=amp) if amp else nullcontext()
         with autocast:
-            logits = self.ddp(images)
+            logits = self.train_model(images)
         loss = self.criterion(logits.float() if amp else logits, labels)
         bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0]))
         if bad.item() and not skip_allowed:
