@@ -18,6 +18,7 @@ import math
 import os
 import random
 import resource
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ..data import EvalTransform, ImageDataset, collate
+from ..data import DatasetError, EvalTransform, ImageDataset, collate
 from ..data.augment import TrainTransform
 from ..errors import HRNetError
 from ..models import create_model, resolve
@@ -286,6 +287,12 @@ class Trainer:
         window = torch.zeros(3, dtype=torch.float64)
         tic = time.perf_counter()
         for batch in loader:
+            for failed in batch.failed:  # robust decoding dropped these from the batch
+                if not self.quiet:
+                    tqdm.write(f"hrnet: skipped {failed.error}", file=sys.stderr)
+            if not len(batch.labels):
+                raise DatasetError(f"step {self.step + 1}: no image of the batch could be decoded, e.g. "
+                                   f"{batch.failed[0].error}")
             stats = self._train_step(batch.images, batch.labels)
             window += stats
             self.epoch_sums += stats
