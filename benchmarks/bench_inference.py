@@ -6,8 +6,8 @@ Everything is fp32 on the CPU, random weights (speed does not depend on their va
 
 Timing: every runner is built first, then all are called in alternating rounds and each runner's
 per-batch latency is the median over its rounds, so load from other processes hits all of them
-alike. Peak memory: each runner again in a fresh process at batch 16 (peak RSS after setup, see
-``hrnet.deploy.bench``). The int8 section (onnxruntime static quantization of hrnet's fused graph)
+alike. Peak memory: each runner again in a fresh process at batch 16 (peak RSS while serving, see
+``hrnet.deploy.bench``; ONNX files are exported beforehand in this process, as a deployment would). The int8 section (onnxruntime static quantization of hrnet's fused graph)
 is a separate, not-exact figure.
 
     python benchmarks/bench_inference.py              # the full table, about 5-10 minutes
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from hrnet.deploy import BACKENDS, make_runner
+from hrnet.deploy.runners import OnnxRuntimeRunner
 from hrnet.deploy.bench import bench, peak_rss_mb, reset_peak_rss
 from hrnet.models import create_model
 
@@ -40,31 +42,21 @@ BASELINES = ("timm-eager", "timm-onnxruntime")
 SIZE = (224, 224)
 
 
-def timm_runner(name: str, kind: str, tmp: Path) -> Callable[[torch.Tensor], object]:
-    """What a user does today: timm eager, or timm -> torch.onnx.export -> default onnxruntime."""
+def timm_onnx(name: str, tmp: Path) -> Path:
+    """What a user does today: timm's model through a default ``torch.onnx.export``."""
     import timm
-
-    model = timm.create_model(TIMM_NAMES[name]).eval()
-    if kind == "timm-eager":
-        def run(x: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode():
-                return model(x)
-        return run
-    import onnxruntime as ort
 
     path = tmp / f"{name}-timm.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, *SIZE),), str(path), input_names=["x"],
-                          dynamic_axes={"x": {0: "batch"}})
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"x": x.numpy()})
+        torch.onnx.export(timm.create_model(TIMM_NAMES[name]).eval(), (torch.zeros(1, 3, *SIZE),), str(path),
+                          input_names=["images"], dynamic_axes={"images": {0: "batch"}}, verbose=False)
+    return path
 
 
-def int8_runner(name: str, tmp: Path) -> Callable[[torch.Tensor], object]:
-    """onnxruntime on hrnet's fused graph quantized to int8 (static, QDQ, per-channel weights),
-    calibrated on 8 random batches. Not exact: for the speed an int8 path would give."""
-    import onnxruntime as ort
+def int8_onnx(name: str, tmp: Path) -> Path:
+    """hrnet's fused graph quantized to int8 by onnxruntime (static, QDQ, per-channel weights),
+    calibrated on 8 random images. Not exact: the speed an int8 path would give."""
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
 
     from hrnet.deploy import export_onnx
@@ -80,20 +72,42 @@ def int8_runner(name: str, tmp: Path) -> Callable[[torch.Tensor], object]:
         def get_next(self):
             return next(self.batches, None)
 
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's advice to pre-process
     quantize_static(str(fp32), str(int8), Reader(), per_channel=True, weight_type=QuantType.QInt8,
                     activation_type=QuantType.QUInt8)
-    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"images": x.numpy()})
+    return int8
+
+
+def prepare(name: str, kind: str, tmp: Path) -> Path | None:
+    """The ONNX file a runner serves (exported here, so a fresh serving process need not export)."""
+    return {"timm-onnxruntime": timm_onnx, "int8-onnxruntime": int8_onnx}.get(kind, lambda *_: None)(name, tmp)
+
+
+def serve(name: str, kind: str, onnx: Path | None) -> Callable[[torch.Tensor], object]:
+    """The runner of ``kind``: timm eager, a default onnxruntime session on timm's export, hrnet's
+    onnxruntime runner on the int8 graph, or an hrnet backend."""
+    if kind == "timm-eager":
+        import timm
+
+        model = timm.create_model(TIMM_NAMES[name]).eval()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return model(x)
+        return run
+    if kind == "timm-onnxruntime":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"images": x.numpy()})
+    if kind == "int8-onnxruntime":
+        return OnnxRuntimeRunner(onnx)
+    return make_runner(create_model(name).eval(), kind, input_size=SIZE)
 
 
 def build(name: str, kind: str, tmp: Path) -> tuple[Callable, float]:
     start = time.perf_counter()
-    if kind in BASELINES:
-        run = timm_runner(name, kind, tmp)
-    elif kind == "int8-onnxruntime":
-        run = int8_runner(name, tmp)
-    else:
-        run = make_runner(create_model(name).eval(), kind, input_size=SIZE)
+    run = serve(name, kind, prepare(name, kind, tmp))
     run(torch.zeros(1, 3, *SIZE))
     return run, time.perf_counter() - start
 
@@ -113,22 +127,24 @@ def time_alternating(runners: dict[str, Callable], batch: int, rounds: int) -> d
 
 
 def memory_worker(job: dict) -> None:
-    """Peak RSS of a baseline or int8 runner at serving time, in this (fresh) process."""
-    with tempfile.TemporaryDirectory() as tmp:
-        run, _ = build(job["name"], job["kind"], Path(tmp))
-        x = torch.randn(job["batch"], 3, *SIZE)
+    """Peak RSS of a baseline or int8 runner while serving, in this (fresh) process."""
+    run = serve(job["name"], job["kind"], job["onnx"] and Path(job["onnx"]))
+    x = torch.randn(job["batch"], 3, *SIZE)
+    run(x)
+    reset_peak_rss()
+    for _ in range(2):
         run(x)
-        reset_peak_rss()
-        for _ in range(2):
-            run(x)
-        print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
 def peak_memory(name: str, kind: str, batch: int) -> float:
     if kind in BACKENDS:
         return bench(name, kind, batch_size=batch, iters=2, warmup=1).peak_rss_mb
-    job = json.dumps({"name": name, "kind": kind, "batch": batch})
-    proc = subprocess.run([sys.executable, __file__, "--memory-worker", job], capture_output=True, text=True, check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = prepare(name, kind, Path(tmp))
+        job = json.dumps({"name": name, "kind": kind, "batch": batch, "onnx": onnx and str(onnx)})
+        proc = subprocess.run([sys.executable, __file__, "--memory-worker", job], capture_output=True, text=True,
+                              check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 

@@ -7,9 +7,10 @@ float rounding (the folded weights are computed in float64).
 
 Why the fusion restructuring: in an HRModule with n branches, branch j sends a 1x1 conv to every
 higher-resolution branch i < j and starts a stride-2 3x3 chain to every lower-resolution branch
-i > j. Those convs share their input, so they concatenate into one conv each (then split by
-channels): fewer, larger convolutions, which CPU backends run closer to their peak. The 1x1 convs
-already run at the low resolution before the nearest upsampling (conv1x1(up(x)) == up(conv1x1(x))).
+i > j. Those convs share their input, so they stack into one conv each (then split by channels):
+26 fewer conv calls in W18 (299 instead of 325). Measured under onnxruntime it saves about 1% of the CPU time; the
+convolutions themselves (over 90% of it) already run near the machine's sgemm peak. The 1x1 convs
+run at the low resolution before the nearest upsampling (conv1x1(up(x)) == up(conv1x1(x))).
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ class FusedBlock(nn.Module):
 
     def __init__(self, block: BasicBlock | Bottleneck):
         super().__init__()
-        convs = [ConvAct(fold_bn(block.conv1, block.bn1), True), ConvAct(fold_bn(block.conv2, block.bn2), True)]
-        if isinstance(block, Bottleneck):
-            convs.append(ConvAct(fold_bn(block.conv3, block.bn3), False))
-        convs[-1].relu = False
+        bottleneck = isinstance(block, Bottleneck)
+        convs = [ConvAct(fold_bn(block.conv1, block.bn1), relu=True),
+                 ConvAct(fold_bn(block.conv2, block.bn2), relu=bottleneck)]
+        if bottleneck:
+            convs.append(ConvAct(fold_bn(block.conv3, block.bn3), relu=False))
         self.convs = nn.Sequential(*convs)
         self.downsample = fold_conv_bn(block.downsample) if block.downsample is not None else None
 
@@ -104,15 +106,15 @@ class FusedHRModule(nn.Module):
         self.down_rest = nn.ModuleList()  # down_rest[j][k]: rest of the chain to branch j + 1 + k
         fl = module.fuse_layers
         for j in range(n):
-            ups = [fold_bn(fl[i][j][0], fl[i][j][1]) for i in range(j)] if n > 1 else []
+            ups = [fold_bn(fl[i][j][0], fl[i][j][1]) for i in range(j)]
             self.up.append(concat_convs(ups) if ups else nn.Identity())
             self.up_splits.append([c.out_channels for c in ups])
-            heads = [fold_conv_bn(fl[i][j][0]) for i in range(j + 1, n)] if n > 1 else []
+            heads = [fold_conv_bn(fl[i][j][0]) for i in range(j + 1, n)]
             self.down.append(concat_convs([h.conv for h in heads]) if heads else nn.Identity())
             self.down_splits.append([h.conv.out_channels for h in heads])
             self.down_relu.append([h.relu for h in heads])
             self.down_rest.append(nn.ModuleList(nn.Sequential(*(fold_conv_bn(s) for s in fl[i][j][1:]))
-                                                for i in range(j + 1, n)) if n > 1 else nn.ModuleList())
+                                                for i in range(j + 1, n)))
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         xs = [branch(x) for branch, x in zip(self.branches, xs)]

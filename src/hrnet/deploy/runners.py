@@ -85,7 +85,7 @@ def _compile(model: nn.Module, input_size: tuple[int, int]) -> Runner:
 
 
 class OnnxRuntimeRunner:
-    """onnxruntime on the fused graph, one batch chunk per core.
+    """onnxruntime on an exported hrnet ONNX file, one batch chunk per core.
 
     A batch of at least two images is split into one chunk per thread, and each chunk runs on a
     single-threaded session concurrently (onnxruntime releases the GIL): every core then works on
@@ -93,13 +93,10 @@ class OnnxRuntimeRunner:
     Smaller batches use a multi-threaded session, created on first need.
     """
 
-    def __init__(self, model: nn.Module, input_size: tuple[int, int], threads: int | None):
-        from .export import export_onnx
-
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
         import_onnxruntime()
+        self.path = Path(path)
         self.threads = threads or os.cpu_count() or 1
-        self._dir = tempfile.TemporaryDirectory()  # the file lives as long as the runner
-        self.path = export_onnx(model, Path(self._dir.name) / "model.onnx", input_size=input_size, check=False)
         self.serial = ort_session(self.path, 1)
         self.pool = ThreadPoolExecutor(self.threads)
         self._multi = None
@@ -119,6 +116,17 @@ class OnnxRuntimeRunner:
         return torch.from_numpy(logits).to(x.device)
 
 
+def _onnxruntime(model: nn.Module, input_size: tuple[int, int], threads: int | None) -> OnnxRuntimeRunner:
+    from .export import export_onnx
+
+    import_onnxruntime()
+    tmp = tempfile.TemporaryDirectory()
+    runner = OnnxRuntimeRunner(export_onnx(model, Path(tmp.name) / "model.onnx", input_size=input_size,
+                                           check=False), threads)
+    runner.tmp = tmp  # the file lives as long as the runner (its multi-threaded session may need it)
+    return runner
+
+
 def make_runner(model: nn.Module, backend: str = "eager", *, input_size: tuple[int, int] = (224, 224),
                 threads: int | None = None) -> Runner:
     """A callable mapping a float32 NCHW image batch to logits with ``backend`` (one of BACKENDS).
@@ -136,5 +144,5 @@ def make_runner(model: nn.Module, backend: str = "eager", *, input_size: tuple[i
     if backend == "compile":
         return _compile(model, input_size)
     if backend == "onnxruntime":
-        return OnnxRuntimeRunner(model, input_size, threads)
+        return _onnxruntime(model, input_size, threads)
     raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
