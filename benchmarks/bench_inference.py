@@ -40,6 +40,7 @@ from hrnet.models import create_model
 TIMM_NAMES = {"hrnet-w18": "hrnet_w18", "hrnet-w48": "hrnet_w48"}
 BASELINES = ("timm-eager", "timm-onnxruntime")
 SIZE = (224, 224)
+PAUSE = 0.1  # seconds between timed calls, see time_alternating
 
 
 def timm_onnx(name: str, tmp: Path) -> Path:
@@ -113,15 +114,21 @@ def build(name: str, kind: str, tmp: Path) -> tuple[Callable, float]:
 
 
 def time_alternating(runners: dict[str, Callable], batch: int, rounds: int) -> dict[str, float]:
-    """Median seconds per batch of each runner over ``rounds`` alternating rounds (one warm-up call each)."""
+    """Median seconds per batch of each runner over ``rounds`` rounds (one warm-up call each).
+
+    The order rotates every round, and each call waits PAUSE first: thread pools (OpenMP,
+    onnxruntime) keep spinning for a while after a call, which would slow whichever runs next.
+    """
     x = torch.randn(batch, 3, *SIZE)
     for run in runners.values():
         run(x)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for kind, run in runners.items():
+    kinds = list(runners)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            time.sleep(PAUSE)
             start = time.perf_counter()
-            run(x)
+            runners[kind](x)
             times[kind].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
