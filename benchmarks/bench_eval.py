@@ -8,7 +8,7 @@ The two measurements alternate ``--repeat`` times and the best of each counts, w
 load on a shared machine from deciding the ratio.
 
     python benchmarks/bench_eval.py                         # hrnet-w18, batch 32, 256 images
-    python benchmarks/bench_eval.py --workers 0 1 2 --json  # compare decoding-process counts
+    python benchmarks/bench_eval.py --workers 0 1 --json    # compare decoding-process counts
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def main() -> None:
     p.add_argument("--model", default="hrnet-w18")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images", type=int, default=256)
-    p.add_argument("--workers", type=int, nargs="+", default=[default_workers()])
+    p.add_argument("--workers", type=int, nargs="+", default=[default_workers("cpu")],
+                   help="decoding-process counts to compare (default: hrnet's CPU default, 0)")
     p.add_argument("--backend", default="eager")
     p.add_argument("--repeat", type=int, default=3, help="alternating rounds; the best of each is kept")
     p.add_argument("--json", action="store_true")

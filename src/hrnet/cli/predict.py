@@ -13,7 +13,8 @@ def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     """Options shared by predict and eval: preprocessing overrides, batching, bad-file policy."""
     p.add_argument("--batch-size", type=int, default=batch_size, metavar="N", help=f"default {batch_size}")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="decoding processes (default: half the cores, at most 8; 0 decodes in-process)")
+                   help="decoding processes; 0 decodes in-process (default: 0 on CPU, where the model "
+                        "already uses every core; up to 8 with a GPU)")
     p.add_argument("--input-size", type=int, default=None, metavar="PX",
                    help="centre-crop size (default: the model record's, 224)")
     p.add_argument("--crop-pct", type=float, default=None, metavar="F",

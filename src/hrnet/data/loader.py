@@ -1,4 +1,4 @@
-"""DataLoaders for inference: sharded so each image is seen exactly once, sized for the machine."""
+"""DataLoaders for inference: sharded so each image is seen exactly once, sized for the device."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .dataset import collate
 
 
-def default_workers() -> int:
-    """Decoding processes: half the cores (at most 8), leaving the rest to the model's threads.
+def default_workers(device: str) -> int:
+    """Decoding processes for inference on ``device``.
 
-    On a 2-core machine that is one worker, which overlaps decoding with the forward pass.
+    On a GPU the CPU is otherwise idle, so up to 8 processes keep the model fed. On the CPU the
+    model's threads already use every core and a worker process only competes with them (2 cores,
+    HRNet-W18, batch 32: 57 % of the bare model's throughput with one worker, 99 % without), while
+    decoding in-process costs about 2 CPU ms per 500x375 JPEG against ~150 for the forward pass.
     """
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    return min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
 
 
 def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
@@ -24,8 +27,9 @@ def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
 
 
 def inference_loader(dataset: Dataset, batch_size: int, workers: int | None = None, *,
-                     pin_memory: bool = False) -> DataLoader:
-    """In-order batches of :class:`~hrnet.data.Batch` (bad files dropped and listed)."""
-    workers = default_workers() if workers is None else workers
+                     device: str = "cpu") -> DataLoader:
+    """In-order batches of :class:`~hrnet.data.Batch` (bad files dropped and listed) for ``device``;
+    ``workers=None`` picks :func:`default_workers`."""
+    workers = default_workers(device) if workers is None else workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+                      pin_memory=device.startswith("cuda"), prefetch_factor=4 if workers else None)

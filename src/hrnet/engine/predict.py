@@ -56,7 +56,7 @@ class Classifier:
                 progress: bool, desc: str) -> Iterator[Batch]:
         """The dataset's batches in order, with a progress bar over images; ``strict`` raises the
         first unreadable file (raised here, not in a worker, so the message stays one line)."""
-        loader = inference_loader(dataset, batch_size, workers, pin_memory=self.device.startswith("cuda"))
+        loader = inference_loader(dataset, batch_size, workers, device=self.device)
         with tqdm(total=len(dataset), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
             for batch in loader:
                 if strict and batch.failed:
