@@ -1,12 +1,13 @@
 """Training curves from a run's ``log.jsonl``, drawn with Pillow alone (no matplotlib).
 
-Three panels over the training step: loss, accuracy (training, and validation per epoch), and the
+Three panels over the training step: loss (log scale), accuracy (training, and validation per epoch), and the
 learning rate.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -47,7 +48,11 @@ def _ticks(lo: float, hi: float) -> list[float]:
     return [lo + (hi - lo) * i / 4 for i in range(5)]
 
 
-def _draw_panel(img: Image.Image, top: int, title: str, series: list[Series], x_max: float) -> None:
+def _draw_panel(img: Image.Image, top: int, title: str, series: list[Series], x_max: float,
+                log: bool = False) -> None:
+    """One panel; with ``log`` the y axis is logarithmic (an early loss spike then hides nothing)."""
+    if log:
+        series = [(label, colour, [(x, math.log10(max(y, 1e-8))) for x, y in pts]) for label, colour, pts in series]
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     left, right, y0, y1 = MARGIN_L, PANEL_W - MARGIN_R, top + MARGIN_T, top + PANEL_H - MARGIN_B
@@ -63,7 +68,7 @@ def _draw_panel(img: Image.Image, top: int, title: str, series: list[Series], x_
     for v in _ticks(lo, hi):
         _, y = px(0, v)
         d.line([left - 4, y, left, y], fill=(120, 120, 120))
-        d.text((4, y - 6), f"{v:.3g}", fill=(60, 60, 60), font=font)
+        d.text((4, y - 6), f"{10 ** v if log else v:.3g}", fill=(60, 60, 60), font=font)
     for v in _ticks(0, x_max):
         x, _ = px(v, lo)
         d.line([x, y1, x, y1 + 4], fill=(120, 120, 120))
@@ -91,15 +96,16 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     def pts(rows: list[dict], key: str) -> list[tuple[float, float]]:
         return [(r["step"], r[key]) for r in rows if key in r]
 
-    panels: list[tuple[str, list[Series]]] = [
-        ("loss", [("train", blue, pts(steps, "loss")), ("val", orange, pts(epochs, "val_loss"))]),
-        ("accuracy (%)", [("train", blue, pts(steps, "accuracy")), ("val top-1", orange, pts(epochs, "val_top1"))]),
-        ("learning rate", [("lr", blue, pts(steps, "lr"))]),
+    panels: list[tuple[str, list[Series], bool]] = [
+        ("loss (log scale)", [("train", blue, pts(steps, "loss")), ("val", orange, pts(epochs, "val_loss"))], True),
+        ("accuracy (%)", [("train", blue, pts(steps, "accuracy")), ("val top-1", orange, pts(epochs, "val_top1"))],
+         False),
+        ("learning rate", [("lr", blue, pts(steps, "lr"))], False),
     ]
     x_max = max(r["step"] for r in steps)
     img = Image.new("RGB", (PANEL_W, PANEL_H * len(panels) + 20), "white")
-    for i, (title, series) in enumerate(panels):
-        _draw_panel(img, i * PANEL_H, title, [s for s in series if s[2]], x_max)
+    for i, (title, series, log) in enumerate(panels):
+        _draw_panel(img, i * PANEL_H, title, [s for s in series if s[2]], x_max, log)
     ImageDraw.Draw(img).text((PANEL_W // 2 - 12, PANEL_H * len(panels)), "step", fill=(0, 0, 0))
     out = Path(out)
     img.save(out)
