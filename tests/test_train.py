@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from hrnet import create_model
 from hrnet.cli import main as hrnet_main
 from hrnet.data import ImageDataset, Sample, collate, eval_transform
-from hrnet.engine.checkpoint import checkpoints, load_state
+from hrnet.engine.checkpoint import ResumeError, checkpoints, load_state
 from hrnet.engine.config import load_config
 from hrnet.engine.sampler import EpochSeeded, ShardedBatchSampler
 from hrnet.engine.train import NonFiniteLossError, Trainer, train
@@ -347,3 +347,29 @@ def test_precision_and_regularisation_switches_train_to_finite_weights(tmp_path,
     if trainer.ema:  # the EMA lags the model: a convex mix of where it started and where it went
         ema = trainer.ema.module.state_dict()["classifier.weight"]
         assert not torch.equal(ema, after["classifier.weight"]) and not torch.equal(ema, before["classifier.weight"])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["HRNET_TEST_MARKER"]),))
+
+
+def test_resume_refuses_missing_truncated_and_code_carrying_checkpoints(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path), quiet=True, train_set=PoisonedAfter(range(0)))
+    with pytest.raises(ResumeError, match=r"checkpoints: no checkpoint to resume from"):
+        trainer.resume()
+    good = tmp_path / "good.pt"
+    torch.save(trainer.state(), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(ResumeError, match=r"truncated\.pt: not a readable training checkpoint"):
+        trainer.resume(truncated)
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("HRNET_TEST_MARKER", str(marker))
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Payload()}, evil)
+    with pytest.raises(ResumeError, match=r"evil\.pt: not a readable training checkpoint"):
+        trainer.resume(evil)
+    assert not marker.exists()  # the payload never ran
+    trainer.resume(good)  # while a real one loads
+    assert trainer.step == 0

@@ -23,8 +23,8 @@ from ..errors import HRNetError
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
-class CheckpointError(HRNetError):
-    """A training checkpoint that is missing, unreadable or from an incompatible run."""
+class ResumeError(HRNetError):
+    """A training-state checkpoint that is missing, unreadable or from an incompatible run."""
 
 
 def atomic_write(path: Path, write) -> None:
@@ -52,9 +52,9 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
+        raise ResumeError(f"{path}: no such checkpoint") from None
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
+        raise ResumeError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
 
 
 def checkpoints(folder: Path) -> list[Path]:

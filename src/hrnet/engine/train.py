@@ -30,15 +30,15 @@ import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..data import DatasetError, EvalTransform, ImageDataset, collate
+from ..data import DatasetError, EvalTransform, ImageDataset, collate, shard
 from ..data.augment import TrainTransform
 from ..errors import HRNetError
 from ..models import create_model, resolve
 from ..weights import save_checkpoint
-from .checkpoint import CheckpointError, atomic_write, checkpoints, load_state, prune, rng_state, save_state, \
+from .checkpoint import ResumeError, atomic_write, checkpoints, load_state, prune, rng_state, save_state, \
     set_rng_state
 from .config import Config, ConfigError
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
@@ -212,12 +212,12 @@ class Trainer:
         if path is None:
             found = checkpoints(self.ckpt_dir)
             if not found:
-                raise CheckpointError(f"{self.ckpt_dir}: no checkpoint to resume from")
+                raise ResumeError(f"{self.ckpt_dir}: no checkpoint to resume from")
             path = found[-1]
         path = Path(path)
         state = load_state(path)
         if state.get("global_batch") != self.global_batch or state.get("world_size") != self.dist.world_size:
-            raise CheckpointError(
+            raise ResumeError(
                 f"{path}: written by {state.get('world_size')} process(es) with global batch "
                 f"{state.get('global_batch')}; resume with the same (now {self.dist.world_size}, {self.global_batch})")
         self.model.load_state_dict(state["model"])
@@ -226,7 +226,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema:
             if state["ema"] is None:
-                raise CheckpointError(f"{path}: has no EMA weights but train.ema_decay is set")
+                raise ResumeError(f"{path}: has no EMA weights but train.ema_decay is set")
             self.ema.module.load_state_dict(state["ema"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.epoch_sums = state["epoch_sums"][self.dist.rank]
@@ -388,9 +388,9 @@ class Trainer:
         model = self._eval_model()
         was_training = model.training
         model.eval()
-        shard = Subset(self.val_set, range(self.dist.rank, len(self.val_set), self.dist.world_size))
         sums = torch.zeros(3, dtype=torch.float64)
-        for batch in self._loader(shard, batch_size=self.cfg.data.batch_size):
+        part = shard(self.val_set, self.dist.rank, self.dist.world_size)
+        for batch in self._loader(part, batch_size=self.cfg.data.batch_size):
             if not len(batch.labels):
                 continue
             images, labels = batch.images.to(self.device), batch.labels.to(self.device)
