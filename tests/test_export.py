@@ -65,6 +65,7 @@ def test_fixed_batch_exports_carry_the_preprocessing_settings(tmp_path):
     onnx_meta = {p.key: p.value for p in onnx.load(onnx_path).metadata_props}
     for meta in (onnx_meta, pt2_meta):
         assert meta["hrnet.model"] == "hrnet-w18-small"
+        assert meta["hrnet.num_classes"] == "1000"
         assert json.loads(meta["hrnet.preprocess.mean"]) == [123.675, 116.28, 103.53]  # REFERENCE.md §4
         assert json.loads(meta["hrnet.preprocess.std"]) == [58.395, 57.12, 57.375]
         assert json.loads(meta["hrnet.preprocess.resize_size"]) == 256

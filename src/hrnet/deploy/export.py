@@ -35,10 +35,9 @@ def export_metadata(model: nn.Module, input_size: tuple[int, int]) -> dict[str, 
     """String key/values describing the model and its preprocessing (pixel values 0..255, RGB)."""
     record = getattr(model, "pretrained_cfg", None)
     meta = {"hrnet.input_size": json.dumps(list(input_size)), "hrnet.input_layout": "NCHW RGB float32",
-            "hrnet.output": "logits"}
+            "hrnet.output": "logits", "hrnet.num_classes": str(model.num_classes)}
     if record is not None:
         meta["hrnet.model"] = record.name
-        meta["hrnet.num_classes"] = str(record.num_classes)
         for key, value in dataclasses.asdict(record.eval).items():
             meta[f"hrnet.preprocess.{key}"] = json.dumps(value)
         meta["hrnet.preprocess.crop_pct"] = json.dumps(record.eval.crop_pct)

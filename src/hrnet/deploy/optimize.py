@@ -177,6 +177,7 @@ class FusedHRNet(nn.Module):
         self.downsamp = nn.ModuleList(fold_conv_bn(m) for m in model.downsamp_modules)
         self.final_layer = fold_conv_bn(model.final_layer)
         self.classifier = copy.deepcopy(model.classifier)
+        self.num_classes = model.num_classes
         self.pretrained_cfg = getattr(model, "pretrained_cfg", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -100,30 +100,29 @@ class OnnxRuntimeRunner:
         self.serial = ort_session(self.path, 1)
         self.pool = ThreadPoolExecutor(self.threads)
         self._multi = None
-
-    def _run(self, session, x: np.ndarray) -> np.ndarray:
-        return session.run(None, {INPUT_NAME: x})[0]
+        self.owned_dir: tempfile.TemporaryDirectory | None = None  # deleted with the runner
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         images = x.detach().float().cpu().contiguous().numpy()
         if len(images) >= 2 and self.threads > 1:
             chunks = np.array_split(images, min(self.threads, len(images)))
-            logits = np.concatenate(list(self.pool.map(lambda c: self._run(self.serial, c), chunks)))
+            outs = self.pool.map(lambda chunk: self.serial.run(None, {INPUT_NAME: chunk})[0], chunks)
+            logits = np.concatenate(list(outs))
         else:
             if self._multi is None:
                 self._multi = ort_session(self.path, self.threads)
-            logits = self._run(self._multi, images)
+            logits = self._multi.run(None, {INPUT_NAME: images})[0]
         return torch.from_numpy(logits).to(x.device)
 
 
 def _onnxruntime(model: nn.Module, input_size: tuple[int, int], threads: int | None) -> OnnxRuntimeRunner:
     from .export import export_onnx
 
-    import_onnxruntime()
+    import_onnxruntime()  # fail before a long export, not after
     tmp = tempfile.TemporaryDirectory()
-    runner = OnnxRuntimeRunner(export_onnx(model, Path(tmp.name) / "model.onnx", input_size=input_size,
-                                           check=False), threads)
-    runner.tmp = tmp  # the file lives as long as the runner (its multi-threaded session may need it)
+    path = export_onnx(model, Path(tmp.name) / "model.onnx", input_size=input_size, check=False)
+    runner = OnnxRuntimeRunner(path, threads)
+    runner.owned_dir = tmp  # the multi-threaded session may still need the file
     return runner
 
 
@@ -133,9 +132,9 @@ def make_runner(model: nn.Module, backend: str = "eager", *, input_size: tuple[i
 
     ``model`` is an eval-ready :class:`~hrnet.models.hrnet.HRNet` classifier (for ``eager``, any
     module). ``input_size`` is the (H, W) the ``compile`` backend is warmed up on and the
-    ``onnxruntime`` graph is exported for; ``threads`` sets how
-    many cores onnxruntime uses (default: all; PyTorch backends follow ``torch.set_num_threads``). The model
-    itself is never modified: optimised backends work on a fused copy.
+    ``onnxruntime`` graph is exported for. ``threads`` sets how many cores onnxruntime uses
+    (default: all); the PyTorch backends follow ``torch.set_num_threads``. The model itself is never
+    modified: the optimised backends work on a fused copy.
     """
     if backend == "eager":
         return _eager(model)
