@@ -40,6 +40,11 @@ def create_model(
     ``progress`` shows a bar while downloading.
     """
     record = resolve(name)
+    source = record if checkpoint is None else checkpoint
+    if pretrained or checkpoint is not None:
+        from ..weights import load_weights, local_path
+
+        source = local_path(source, progress=progress)  # download first: no network fails before any build
     if features_only:
         if num_classes is not None:
             raise TypeError("num_classes has no meaning with features_only=True")
@@ -52,7 +57,5 @@ def create_model(
                       drop_rate=drop_rate)
     model.pretrained_cfg = record  # travels with the model: transforms are derived from it
     if pretrained or checkpoint is not None:
-        from ..weights import load_weights
-
-        load_weights(model, record if checkpoint is None else checkpoint, progress=progress)
+        load_weights(model, source, progress=progress)
     return model

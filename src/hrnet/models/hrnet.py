@@ -214,6 +214,8 @@ class HRNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        if self.conv1.weight.is_meta:  # built for its shapes only; meta-device init is slow and pointless
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
