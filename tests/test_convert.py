@@ -8,7 +8,8 @@ import json
 import pytest
 import timm
 import torch
-from test_weights import assert_logits_close, logits, randomize, to_mmcls
+from helpers import randomize
+from test_weights import assert_logits_close, logits, to_mmcls
 
 from hrnet.cli import main
 from hrnet.models import create_model

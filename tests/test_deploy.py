@@ -10,35 +10,18 @@ import torch
 from hrnet.deploy import BACKENDS, BackendError, fuse_model, make_runner
 from hrnet.models import create_model
 
+from helpers import randomize, rel_err
+
 RTOL = 1e-4
-
-
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial BN statistics and affine terms (fresh models have mean 0 / var 1, which folding
-    would reproduce even with a wrong formula); the last BN of each residual branch is damped so
-    activations stay O(1) through W18's depth."""
-    g = torch.Generator().manual_seed(seed)
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_((torch.rand(n, generator=g) + 0.5) * (0.2 if name.endswith(("bn2", "bn3")) else 1))
-            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-    return model.eval()
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).abs().max() / want.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
 def w18() -> torch.nn.Module:
-    return randomize_bn(create_model("hrnet-w18"))
+    return randomize(create_model("hrnet-w18"))
 
 
 def test_fused_model_matches_eager_at_batch_1_and_3():
-    assert_fused_matches_eager(randomize_bn(create_model("hrnet-w18-small")))  # W18, W30: test_export.py
+    assert_fused_matches_eager(randomize(create_model("hrnet-w18-small")))  # W18, W30: test_export.py
 
 
 def assert_fused_matches_eager(model: torch.nn.Module) -> None:
@@ -80,7 +63,7 @@ def test_fused_model_handles_inputs_not_divisible_by_32(w18):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_gives_the_eager_logits(backend):
-    model = randomize_bn(create_model("hrnet-w18-small"))
+    model = randomize(create_model("hrnet-w18-small"))
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         want = model(x)

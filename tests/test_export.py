@@ -13,14 +13,15 @@ import torch
 from hrnet.deploy import ExportError, export_onnx, export_pt2, load_pt2
 from hrnet.models import create_model
 
-from test_deploy import RTOL, assert_fused_matches_eager, randomize_bn, rel_err
+from helpers import randomize, rel_err
+from test_deploy import RTOL, assert_fused_matches_eager
 
 SIZE = (64, 64)
 
 
 @pytest.fixture(scope="module", params=["hrnet-w18", "hrnet-w30"])
 def model(request) -> torch.nn.Module:
-    return randomize_bn(create_model(request.param))
+    return randomize(create_model(request.param))
 
 
 def eager(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ def test_pt2_has_a_dynamic_batch_and_matches_eager(model, tmp_path):
 
 
 def test_fixed_batch_exports_carry_the_preprocessing_settings(tmp_path):
-    model = randomize_bn(create_model("hrnet-w18-small"))
+    model = randomize(create_model("hrnet-w18-small"))
     onnx_path = export_onnx(model, tmp_path / "m.onnx", batch=2, input_size=SIZE)
     program, pt2_meta = load_pt2(export_pt2(model, tmp_path / "m.pt2", batch=2, input_size=SIZE))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -74,7 +75,7 @@ def test_fixed_batch_exports_carry_the_preprocessing_settings(tmp_path):
 
 
 def test_a_wrong_export_is_caught_by_the_check(tmp_path, monkeypatch):
-    model = randomize_bn(create_model("hrnet-w18-small"))
+    model = randomize(create_model("hrnet-w18-small"))
     from hrnet.deploy import optimize
 
     real = optimize.fold_bn

@@ -11,11 +11,12 @@ from hrnet.cli import main
 from hrnet.models import create_model
 from hrnet.weights import save_checkpoint
 
-from test_deploy import RTOL, randomize_bn, rel_err
+from helpers import randomize, rel_err
+from test_deploy import RTOL
 
 
 def test_export_command_writes_a_checked_onnx_file_from_a_checkpoint(tmp_path, capsys):
-    model = randomize_bn(create_model("hrnet-w18-small"))
+    model = randomize(create_model("hrnet-w18-small"))
     ckpt = save_checkpoint(model, tmp_path / "w.safetensors")
     out = tmp_path / "m.onnx"
     assert main(["export", "hrnet-w18-small", "--checkpoint", str(ckpt), "-o", str(out), "--input-size", "64", "64",

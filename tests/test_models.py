@@ -10,6 +10,7 @@ import torch
 
 import hrnet
 from hrnet.models import MODELS, HRNet, count_flops, count_params, resolve
+from helpers import randomize, rel_err
 
 # REFERENCE.md §1: exact params and FLOPs of the mmcls counter at 1x3x224x224 (not computed by hrnet).
 SEED_EXACT = {
@@ -22,22 +23,6 @@ SEED_EXACT = {
     "hrnet-w64": (128_056_104, 29_002_298_752),
 }
 ALL = hrnet.list_models()
-
-
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm statistics and affine terms, so a mis-mapped BN cannot go unnoticed."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def test_list_models_is_the_seed_table_then_the_small_variants():
@@ -121,7 +106,7 @@ def test_logits_and_features_equal_timm(name, size):
     timm_name = resolve(name).aliases[-1] if "small" in name else resolve(name).aliases[1]
     torch.manual_seed(0)
     ref = timm.create_model(timm_name.split(".")[0], head_conv_bias=False).eval()
-    randomize_bn(ref)
+    randomize(ref)
     ours = hrnet.create_model(name).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 3, size, size)

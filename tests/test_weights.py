@@ -21,28 +21,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 import hrnet
+from helpers import randomize
 from hrnet.models import create_model
 from hrnet.weights import (CheckpointError, KeyMismatchError, UnsafeCheckpointError, load_checkpoint,
                            save_checkpoint)
 
 SMALL = "hrnet-w18-small"
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine terms, non-zero conv/Linear biases; eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-                m.num_batches_tracked.fill_(7)
-            elif isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-    return model.eval()
 
 
 def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
