@@ -70,6 +70,15 @@ def test_hrnet_format_round_trip_gives_identical_logits_and_metadata(tmp_path, x
     assert sd.keys() == model.state_dict().keys()
 
 
+def test_fine_tuned_checkpoint_brings_its_classifier_without_num_classes(tmp_path, x):
+    model = randomize(create_model(SMALL, num_classes=7))
+    path = save_checkpoint(model, tmp_path / "tuned.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is skipped, so nothing to warn about
+        loaded = create_model(SMALL, checkpoint=path)
+    assert loaded.num_classes == 7 and torch.equal(logits(loaded, x), logits(model, x))
+
+
 @pytest.mark.parametrize("variant", ["plain", "state_dict+module", "model", "legacy", "safetensors"])
 def test_official_and_timm_files_match_timm_logits(tmp_path, x, timm_small, variant):
     sd = timm_small.state_dict()

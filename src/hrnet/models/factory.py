@@ -36,7 +36,8 @@ def create_model(
 
     ``pretrained=True`` loads the record's published weights (downloaded once into the cache);
     ``checkpoint`` loads a local file, directory or URL in any supported format instead.
-    ``num_classes`` replaces the classifier (pretrained weights then load all but the classifier).
+    ``num_classes`` replaces the classifier (pretrained weights then load all but the classifier);
+    without it, a ``checkpoint``'s own class count is used.
     ``progress`` shows a bar while downloading.
     """
     record = resolve(name)
@@ -57,5 +58,7 @@ def create_model(
                       drop_rate=drop_rate)
     model.pretrained_cfg = record  # travels with the model: transforms are derived from it
     if pretrained or checkpoint is not None:
-        load_weights(model, source, progress=progress)
+        # A checkpoint of another class count (a fine-tuned model) brings its classifier along unless
+        # num_classes was asked for; the published weights are the record's 1000 classes.
+        load_weights(model, source, progress=progress, fit_classifier=checkpoint is not None and num_classes is None)
     return model

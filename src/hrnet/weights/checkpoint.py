@@ -77,12 +77,14 @@ def load_checkpoint(source: str | os.PathLike, *, layout: str = "auto",
     return out, {**metadata, "format": found, "arch": arch.name, "num_classes": str(classes)}
 
 
-def load_weights(model: nn.Module, source: Source, *, progress: bool = True) -> None:
+def load_weights(model: nn.Module, source: Source, *, progress: bool = True, fit_classifier: bool = False) -> None:
     """Load ``source`` (a zoo record, a file or hub directory in any supported format, or a URL) into ``model``.
 
     Strict about the model's own keys and shapes. A classifier with another class count (or none in the
-    checkpoint) is skipped with a warning, the fine-tuning case; a feature extractor ignores the head
-    it lacks. Weights of another width are refused with a message naming that width.
+    checkpoint) is skipped with a warning, the fine-tuning case, unless ``fit_classifier`` asks to
+    resize the model's classifier to the checkpoint's (a fine-tuned file loaded without ``num_classes``).
+    A feature extractor ignores the head it lacks. Weights of another width are refused with a message
+    naming that width.
     """
     path = local_path(source, progress=progress)
     sd, _, found = read_state_dict(path)
@@ -95,6 +97,10 @@ def load_weights(model: nn.Module, source: Source, *, progress: bool = True) -> 
         if other is not None:
             raise wrong_arch(path, other[0], name, arch)
         check(out, arch, str(path), name)
+    if fit_classifier and CLASSIFIER[0] in out and CLASSIFIER[0] in model.state_dict():
+        n = out[CLASSIFIER[0]].shape[0]
+        if n != model.state_dict()[CLASSIFIER[0]].shape[0]:
+            model.reset_classifier(n)
     load_into(model, out, path)
 
 
