@@ -51,11 +51,13 @@ def test_unknown_model_is_a_one_line_error(capsys):
     assert err.startswith("hrnet: error: unknown model 'hrnet-w81'") and err.count("\n") == 1
 
 
-def test_every_subcommand_help_has_examples():
+def test_every_subcommand_has_examples_json_and_quiet():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"list", "info", "flops"} <= set(sub.choices)
     for name, parser in sub.choices.items():
         assert "examples:" in parser.format_help(), name
+        options = {o for a in parser._actions for o in a.option_strings}
+        assert {"--json", "--quiet"} <= options, name
 
 
 def test_module_entry_point():

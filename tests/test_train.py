@@ -321,7 +321,9 @@ def test_short_digits_run_learns_exports_loadable_weights_and_plots(tmp_path, ca
     assert 100.0 * correct / len(data) == pytest.approx(best)
 
     png = tmp_path / "curves.png"
-    assert hrnet_main(["plot", str(run), "-o", str(png)]) == 0
+    capsys.readouterr()
+    assert hrnet_main(["plot", str(run), "-o", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"output": str(png)}
     img = np.asarray(Image.open(png).convert("RGB"))
     assert img.shape == (3 * 230 + 20, 720, 3)
     blue = (img == (31, 119, 180)).all(axis=2)

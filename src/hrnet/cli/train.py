@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet plot runs/digits -o curves.png\n  hrnet plot runs/w18/log.jsonl -o w18.png")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its log.jsonl)")
     p.add_argument("-o", "--output", default="curves.png", help="PNG file to write (default: curves.png)")
+    add_output_args(p)
     p.set_defaults(func=cmd_plot)
 
 
@@ -57,5 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from ..engine.plot import plot_run
 
-    print(plot_run(args.run_dir, args.output))
+    out = plot_run(args.run_dir, args.output)
+    if args.json:
+        print_json({"output": str(out)})
+    elif not args.quiet:
+        print(out)
     return 0
