@@ -8,10 +8,8 @@ complete new one. Everything in it is a tensor or a plain Python value, so it lo
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +17,13 @@ import numpy as np
 import torch
 
 from ..errors import HRNetError
+from ..weights.checkpoint import atomic_write
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 
 
 class ResumeError(HRNetError):
     """A training-state checkpoint that is missing, unreadable or from an incompatible run."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_state(state: dict[str, Any], path: Path) -> None:

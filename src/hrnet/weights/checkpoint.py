@@ -157,19 +157,22 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict
         target.mkdir(parents=True, exist_ok=True)
         config = {**meta, "num_classes": int(meta["num_classes"]),
                   **({"pretrained_cfg": dataclasses.asdict(cfg.eval)} if cfg is not None else {})}
-        _atomic_write(target / HUB_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        atomic_write(target / HUB_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         target = target / HUB_WEIGHTS
-    _atomic_write(target, lambda tmp: save_file(sd, tmp, metadata=meta))
+    atomic_write(target, lambda tmp: save_file(sd, tmp, metadata=meta))
     return target
 
 
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Write through a temporary file in the same directory, then rename: readers never see half a file."""
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, flush it to disk, then rename it
+    onto ``path``: readers (and a run resumed after a crash) never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
