@@ -139,6 +139,14 @@ def test_unknown_name_suggests_the_closest():
     assert "\n" not in str(e.value)
 
 
+def test_conflicting_options_fail_before_any_download(monkeypatch):
+    monkeypatch.setenv("HRNET_OFFLINE", "1")  # a fetch would raise a DownloadError instead
+    with pytest.raises(TypeError, match="num_classes"):
+        hrnet.create_model("hrnet-w18", pretrained=True, features_only=True, num_classes=3)
+    with pytest.raises(TypeError, match="features_only"):
+        hrnet.create_model("hrnet-w18", pretrained=True, out_indices=(1, 2))
+
+
 def test_unknown_keyword_raises_type_error():
     with pytest.raises(TypeError):
         hrnet.create_model("hrnet-w18", num_clases=10)

@@ -41,19 +41,19 @@ def create_model(
     ``progress`` shows a bar while downloading.
     """
     record = resolve(name)
+    if features_only and num_classes is not None:
+        raise TypeError("num_classes has no meaning with features_only=True")
+    if not features_only and (out_indices is not None or feature_location != "incre"):
+        raise TypeError("out_indices and feature_location need features_only=True")
     source = record if checkpoint is None else checkpoint
     if pretrained or checkpoint is not None:
         from ..weights import load_weights, local_path
 
         source = local_path(source, progress=progress)  # download first: no network fails before any build
     if features_only:
-        if num_classes is not None:
-            raise TypeError("num_classes has no meaning with features_only=True")
         model: nn.Module = HRNetFeatures(record.arch, out_indices=out_indices or (1, 2, 3, 4),
                                          feature_location=feature_location)
     else:
-        if out_indices is not None or feature_location != "incre":
-            raise TypeError("out_indices and feature_location need features_only=True")
         model = HRNet(record.arch, num_classes=record.num_classes if num_classes is None else num_classes,
                       drop_rate=drop_rate)
     model.pretrained_cfg = record  # travels with the model: transforms are derived from it
