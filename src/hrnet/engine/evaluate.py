@@ -31,7 +31,7 @@ def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLi
     """
     info = init_distributed(device)
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=info.device, input_size=input_size,
-                           crop_pct=crop_pct, backend=backend)
+                           crop_pct=crop_pct, backend=backend, progress=progress and info.is_main)
     dataset = ImageDataset(data, ann_file=ann_file, transform=clf.transform)
     num_classes = len(clf.labels)
     top_label = max(label for _, label in dataset.samples)

@@ -32,9 +32,9 @@ class Classifier:
     @classmethod
     def build(cls, model_or_name: nn.Module | str, *, checkpoint: PathLike | None = None,
               device: str | None = None, input_size: int | None = None,
-              crop_pct: float | None = None, backend: str = "eager") -> Classifier:
-        """A model object as is, or a zoo name with ``checkpoint`` (else its published weights),
-        run by ``backend`` (see :data:`hrnet.deploy.BACKENDS`)."""
+              crop_pct: float | None = None, backend: str = "eager", progress: bool = False) -> Classifier:
+        """A model object as is, or a zoo name with ``checkpoint`` (else its published weights, with a
+        download bar if ``progress``), run by ``backend`` (see :data:`hrnet.deploy.BACKENDS`)."""
         if isinstance(model_or_name, nn.Module):
             if checkpoint is not None:
                 raise TypeError("checkpoint applies to a model name, not to a built model")
@@ -42,7 +42,8 @@ class Classifier:
         else:
             from ..models import create_model
 
-            model = create_model(model_or_name, pretrained=checkpoint is None, checkpoint=checkpoint)
+            model = create_model(model_or_name, pretrained=checkpoint is None, checkpoint=checkpoint,
+                                 progress=progress)
         device = device or default_device()
         model = model.to(device).eval()
         transform = eval_transform(model, input_size, crop_pct)
@@ -113,7 +114,7 @@ def predict(model_or_name: nn.Module | str, inputs: PathLike | Iterable[PathLike
     if topk < 1:
         raise ValueError("topk must be at least 1")
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=device, input_size=input_size,
-                             crop_pct=crop_pct, backend=backend)
+                           crop_pct=crop_pct, backend=backend, progress=progress)
     files, missing = expand_inputs(inputs)
     if strict and missing:
         raise ImageReadError(missing[0]["error"])
