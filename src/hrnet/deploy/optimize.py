@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.hrnet import BasicBlock, Bottleneck, HRModule, HRNet
+from ..models.hrnet import BasicBlock, Bottleneck, HRModule, HRNet, crop_like
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -126,10 +126,7 @@ class FusedHRModule(nn.Module):
             if j > 0:
                 for i, part in enumerate(torch.split(self.up[j](x), self.up_splits[j], dim=1)):
                     up = F.interpolate(part, scale_factor=2 ** (j - i), mode="nearest")
-                    if up.shape[-2:] != xs[i].shape[-2:]:
-                        # an input not divisible by 32: crop the upsampling overshoot, as HRModule does
-                        up = up[..., :xs[i].shape[-2], :xs[i].shape[-1]]
-                    contributions[i].append(up)
+                    contributions[i].append(crop_like(up, xs[i]))
             contributions[j].append(x)
             if j < self.n - 1:
                 parts = torch.split(self.down[j](x), self.down_splits[j], dim=1)

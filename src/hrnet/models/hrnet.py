@@ -96,6 +96,13 @@ def fuse_down(cin: int, cout: int, steps: int) -> nn.Sequential:
     return nn.Sequential(*chain)
 
 
+def crop_like(z: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``z`` cropped to ``ref``'s height and width. For an input not divisible by 32, stride-2 convs
+    round sizes up, so x2^k nearest upsampling overshoots by a row/column; cropping keeps positions
+    aligned (and is a no-op for multiples of 32)."""
+    return z if z.shape[-2:] == ref.shape[-2:] else z[..., :ref.shape[-2], :ref.shape[-1]]
+
+
 class HRModule(nn.Module):
     """Parallel branches followed by all-to-all fusion of their resolutions."""
 
@@ -123,15 +130,9 @@ class HRModule(nn.Module):
             return xs
         fused = []
         for i, fuse in enumerate(self.fuse_layers):
-            h, w = xs[i].shape[-2:]
-            y = fuse[0](xs[0])
+            y = crop_like(fuse[0](xs[0]), xs[i])
             for f, x in zip(fuse[1:], xs[1:]):
-                z = f(x)
-                if z.shape[-2:] != (h, w):
-                    # An input not divisible by 32: stride-2 convs round sizes up, so x2^k nearest
-                    # upsampling overshoots by a row/column; crop it to keep positions aligned.
-                    z = z[..., :h, :w]
-                y = y + z
+                y = y + crop_like(f(x), xs[i])
             fused.append(self.relu(y))
         return fused
 
