@@ -97,10 +97,9 @@ def load_weights(model: nn.Module, source: Source, *, progress: bool = True, fit
         if other is not None:
             raise wrong_arch(path, other[0], name, arch)
         check(out, arch, str(path), name)
-    if fit_classifier and CLASSIFIER[0] in out and CLASSIFIER[0] in model.state_dict():
-        n = out[CLASSIFIER[0]].shape[0]
-        if n != model.state_dict()[CLASSIFIER[0]].shape[0]:
-            model.reset_classifier(n)
+    current = model.state_dict().get(CLASSIFIER[0]) if fit_classifier else None
+    if current is not None and CLASSIFIER[0] in out and out[CLASSIFIER[0]].shape[0] != current.shape[0]:
+        model.reset_classifier(out[CLASSIFIER[0]].shape[0])
     load_into(model, out, path)
 
 
