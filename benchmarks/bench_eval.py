@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 
 from hrnet.data import default_workers, find_images, imagenet_wnids, load_image
-from hrnet.engine.evaluate import evaluate
-from hrnet.engine.predict import Classifier
-from hrnet.models import create_model
+from hrnet.inference.evaluate import evaluate
+from hrnet.inference.predict import Classifier
+from hrnet import create_model
 
 SITE = os.path.dirname(os.path.dirname(np.__file__))
 

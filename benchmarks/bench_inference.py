@@ -12,11 +12,14 @@ is a separate, not-exact figure.
 
     python benchmarks/bench_inference.py              # the full table, about 5-10 minutes
     python benchmarks/bench_inference.py --models hrnet-w18 --no-memory --rounds 3
+    python benchmarks/bench_inference.py --against /tmp/hrnet-before --backends fused compile onnxruntime \
+        --no-memory --no-int8     # also time another checkout's backends ("before-fused", ...) in the same rounds
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -32,10 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hrnet.deploy import BACKENDS, make_runner
-from hrnet.deploy.runners import OnnxRuntimeRunner
+from hrnet.deploy import BACKENDS, OnnxRuntimeRunner, make_runner
 from hrnet.deploy.bench import bench, peak_rss_mb, reset_peak_rss
-from hrnet.models import create_model
+from hrnet import create_model
 
 TIMM_NAMES = {"hrnet-w18": "hrnet_w18", "hrnet-w48": "hrnet_w48"}
 BASELINES = ("timm-eager", "timm-onnxruntime")
@@ -84,9 +86,27 @@ def prepare(name: str, kind: str, tmp: Path) -> Path | None:
     return {"timm-onnxruntime": timm_onnx, "int8-onnxruntime": int8_onnx}.get(kind, lambda *_: None)(name, tmp)
 
 
+BEFORE = "before-"  # runner kinds of another checkout's hrnet (--against), loaded as package hrnet_before
+
+
+def load_before(checkout: Path) -> None:
+    """Import ``checkout``'s ``src/hrnet`` as ``hrnet_before`` (its imports are relative), so its
+    backends can be timed in the same alternating rounds as this tree's."""
+    init = checkout / "src" / "hrnet" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("hrnet_before", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["hrnet_before"] = module
+    spec.loader.exec_module(module)
+
+
 def serve(name: str, kind: str, onnx: Path | None) -> Callable[[torch.Tensor], object]:
     """The runner of ``kind``: timm eager, a default onnxruntime session on timm's export, hrnet's
-    onnxruntime runner on the int8 graph, or an hrnet backend."""
+    onnxruntime runner on the int8 graph, an hrnet backend, or (``before-*``) another checkout's."""
+    if kind.startswith(BEFORE):
+        before = sys.modules["hrnet_before"]
+        from hrnet_before.deploy import make_runner as make_before
+
+        return make_before(before.create_model(name).eval(), kind[len(BEFORE):], input_size=SIZE)
     if kind == "timm-eager":
         import timm
 
@@ -174,16 +194,21 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds at batch 16 (x3 at batch 1; W48: half)")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 (not exact) figure")
+    p.add_argument("--against", metavar="CHECKOUT", type=Path,
+                   help="another checkout of hrnet whose --backends are timed too, as before-<backend>")
     p.add_argument("--memory-worker", metavar="JOB", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_worker:
         memory_worker(json.loads(args.memory_worker))
         return
+    if args.against:
+        load_before(args.against)
     import onnxruntime
 
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {torch.get_num_threads()} threads, "
           f"CPU: {cpu_name()}")
-    kinds = [*BASELINES, *args.backends, *([] if args.no_int8 else ["int8-onnxruntime"])]
+    kinds = [*BASELINES, *args.backends, *([] if args.no_int8 else ["int8-onnxruntime"]),
+             *([BEFORE + b for b in args.backends] if args.against else [])]
     start = time.perf_counter()
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +218,7 @@ def main() -> None:
             rounds = max(2, args.rounds // 2) if name == "hrnet-w48" else args.rounds
             seconds = {b: time_alternating(runners, b, rounds * (3 if b == 1 else 1)) for b in (1, 16)}
             del runners, built
-        memory = {} if args.no_memory else {k: peak_memory(name, k, 16) for k in kinds}
+        memory = {} if args.no_memory else {k: peak_memory(name, k, 16) for k in kinds if not k.startswith(BEFORE)}
         for b in (1, 16):
             print(table(name, b, seconds[b], memory if b == 16 else {}, setup), flush=True)
     print(f"\npeak RSS at batch 16, each runner in a fresh process after setup; total {time.perf_counter() - start:.0f} s")

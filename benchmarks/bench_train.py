@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 from hrnet import create_model
 from hrnet.data import ImageDataset, collate
 from hrnet.data.augment import TrainTransform
-from hrnet.engine.config import Config, load_config
-from hrnet.engine.train import Trainer
+from hrnet.training.config import Config, load_config
+from hrnet.training.train import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_digits import write_digits  # noqa: E402

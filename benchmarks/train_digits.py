@@ -23,8 +23,8 @@ from sklearn.datasets import load_digits
 
 from hrnet import create_model
 from hrnet.data import ImageDataset, collate, eval_transform
-from hrnet.engine.config import load_config
-from hrnet.engine.train import train
+from hrnet.training.config import load_config
+from hrnet.training.train import train
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 

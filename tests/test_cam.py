@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hrnet.cli import main
-from hrnet.engine.cam import grad_cam
-from hrnet.engine.predict import predict
+from hrnet.inference.cam import grad_cam
+from hrnet.inference.predict import predict
 from test_predict import CROP, MODEL, SHORT, model_and_photos
 from test_transforms import mmcls_reference
 

@@ -12,7 +12,7 @@ from helpers import randomize
 from test_weights import assert_logits_close, logits, to_mmcls
 
 from hrnet.cli import main
-from hrnet.models import create_model
+from hrnet import create_model
 from hrnet.weights import load_checkpoint
 
 SMALL = "hrnet-w18-small"

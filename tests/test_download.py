@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hrnet.models import create_model, resolve
+from hrnet import create_model
+from hrnet.models import resolve
 from hrnet.weights import ChecksumError, DownloadError, load_weights, save_checkpoint
 from hrnet.weights import download
 
@@ -88,8 +89,7 @@ def test_pretrained_downloads_verifies_and_reuses_the_cache(server, home, weight
     data, sha, model = weights
     name = f"hrnet_w18_small-{sha[:8]}.safetensors"
     server.files[f"/v0/{name}"] = data
-    record = dataclasses.replace(resolve(SMALL), url=f"{server.url}/v0/{name}")
-    assert record.sha256_prefix == sha[:8]
+    record = dataclasses.replace(resolve(SMALL), url=f"{server.url}/v0/{name}", sha256_prefix=sha[:8])
     first = create_model(SMALL)
     load_weights(first, record)
     assert same_weights(first, model)

@@ -14,8 +14,8 @@ import torch
 
 from hrnet.cli import main
 from hrnet.data import imagenet_names, imagenet_wnids
-from hrnet.engine.evaluate import evaluate
-from hrnet.engine.predict import predict
+from hrnet.inference.evaluate import evaluate
+from hrnet.inference.predict import predict
 from test_data import make_bad_corpus
 from test_predict import CROP, FAST, MODEL, model_and_photos
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hrnet.deploy import ExportError, export_onnx, export_pt2, load_pt2
-from hrnet.models import create_model
+from hrnet import create_model
 
 from helpers import randomize, rel_err
 from test_deploy import RTOL, assert_fused_matches_eager
@@ -70,13 +70,13 @@ def test_fixed_batch_exports_carry_the_preprocessing_settings(tmp_path):
         assert json.loads(meta["hrnet.preprocess.mean"]) == [123.675, 116.28, 103.53]  # REFERENCE.md §4
         assert json.loads(meta["hrnet.preprocess.std"]) == [58.395, 57.12, 57.375]
         assert json.loads(meta["hrnet.preprocess.resize_size"]) == 256
-        assert json.loads(meta["hrnet.preprocess.interpolation"]) == "bilinear"
+        assert meta["hrnet.preprocess.interpolation"] == "bilinear"  # a plain string, not JSON-quoted
         assert json.loads(meta["hrnet.input_size"]) == list(SIZE)
 
 
 def test_a_wrong_export_is_caught_by_the_check(tmp_path, monkeypatch):
     model = randomize(create_model("hrnet-w18-small"))
-    from hrnet.deploy import optimize
+    from hrnet.deploy import fold as optimize
 
     real = optimize.fold_bn
 

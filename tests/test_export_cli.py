@@ -8,7 +8,7 @@ import onnxruntime as ort
 import torch
 
 from hrnet.cli import main
-from hrnet.models import create_model
+from hrnet import create_model
 from hrnet.weights import save_checkpoint
 
 from helpers import randomize, rel_err

@@ -16,8 +16,8 @@ from PIL import Image
 
 from hrnet.cli import main
 from hrnet.data import imagenet_names
-from hrnet.engine.predict import predict
-from hrnet.models import create_model
+from hrnet.inference.predict import predict
+from hrnet import create_model
 from hrnet.weights import save_checkpoint
 from test_data import make_bad_corpus
 from test_transforms import PHOTOS, mmcls_reference

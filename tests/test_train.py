@@ -24,13 +24,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+import hrnet
 from hrnet import create_model
 from hrnet.cli import main as hrnet_main
 from hrnet.data import ImageDataset, Sample, collate, eval_transform
-from hrnet.engine.checkpoint import ResumeError, checkpoints, load_state
-from hrnet.engine.config import load_config
-from hrnet.engine.sampler import EpochSeeded, ShardedBatchSampler
-from hrnet.engine.train import NonFiniteLossError, Trainer, train
+from hrnet.training.state import ResumeError, checkpoints, load_state
+from hrnet.training.config import load_config
+from hrnet.training.sampler import EpochSeeded, ShardedBatchSampler
+from hrnet.training.train import NonFiniteLossError, Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,9 +165,9 @@ def test_sigkill_mid_epoch_then_resume_ends_with_identical_weights(tmp_path):
 # would hide what this test is about: the same algorithm, sharded.
 DDP_DRIVER = """
 import sys, torch
-from hrnet.engine.config import load_config
-from hrnet.engine.distributed import cleanup
-from hrnet.engine.train import Trainer, build_datasets
+from hrnet.training.config import load_config
+from hrnet.distributed import cleanup
+from hrnet.training.train import Trainer, build_datasets
 
 class Float64:
     def __init__(self, data):
@@ -312,13 +313,17 @@ def test_short_digits_run_learns_exports_loadable_weights_and_plots(tmp_path, ca
     best = max(r["val_top1"] for r in epochs)
     assert best >= 50.0  # chance is 10 %
 
-    # the exported weights, loaded through the public path, score what the log says
-    model = create_model("hrnet-w18-small", checkpoint=run / "best.safetensors", num_classes=10).eval()
-    data = ImageDataset(tmp_path / "d" / "val", transform=eval_transform(model, input_size=32))
+    # the exported weights, loaded through the public path, score what the log says: they carry their
+    # evaluation settings (32x32), so nobody has to repeat them
+    model = create_model("hrnet-w18-small", checkpoint=run / "best.safetensors").eval()
+    assert model.num_classes == 10 and model.eval_cfg.input_size == 32
+    data = ImageDataset(tmp_path / "d" / "val", transform=eval_transform(model))
     batch = collate([data[i] for i in range(len(data))])
     with torch.no_grad():
         correct = (model(batch.images).argmax(1) == batch.labels).sum().item()
     assert 100.0 * correct / len(data) == pytest.approx(best)
+    assert hrnet.evaluate("hrnet-w18-small", tmp_path / "d" / "val",
+                          checkpoint=run / "best.safetensors")["top1"] == pytest.approx(best)
 
     png = tmp_path / "curves.png"
     capsys.readouterr()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hrnet.engine.config import Config, ConfigError, load_config
-from hrnet.engine.train import lr_factor
+from hrnet.training.config import Config, ConfigError, load_config
+from hrnet.training.train import lr_factor
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SEED_WIDTHS = (18, 30, 32, 40, 44, 48, 64)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from hrnet.data import EvalTransform, TransformConfigError, eval_transform
-from hrnet.models import create_model
+from hrnet import create_model
 from hrnet.models.zoo import MODELS, EvalConfig
 
 SITE = os.path.dirname(os.path.dirname(np.__file__))

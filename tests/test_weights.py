@@ -22,7 +22,7 @@ from torch import nn
 
 import hrnet
 from helpers import randomize
-from hrnet.models import create_model
+from hrnet import create_model
 from hrnet.weights import (CheckpointError, KeyMismatchError, UnsafeCheckpointError, load_checkpoint,
                            save_checkpoint)
 
@@ -65,6 +65,9 @@ def test_hrnet_format_round_trip_gives_identical_logits_and_metadata(tmp_path, x
     loaded = create_model(SMALL, num_classes=7, checkpoint=path)
     assert torch.equal(logits(loaded, x), logits(model, x))
     sd, meta = load_checkpoint(path)
+    evaluation = json.loads(meta.pop("eval"))  # the mmcls pipeline of REFERENCE.md §4
+    assert evaluation == {"input_size": 224, "resize_size": 256, "interpolation": "bilinear", "crop_pct": 0.875,
+                          "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}
     assert meta == {"format": "hrnet", "arch": "w18-small", "num_classes": "7", "model": SMALL,
                     "hrnet_version": hrnet.__version__, "note": "fine-tuned"}
     assert sd.keys() == model.state_dict().keys()

@@ -1,14 +1,15 @@
 """hrnet: the HRNet image classifiers of the MMClassification model zoo, exact and fast."""
 
+from .builder import create_model, get_model_info, list_models
 from .errors import HRNetError, UnknownModelError
-from .models import count_flops, count_params, create_model, get_model_info, list_models
-from .engine.cam import cam_image
-from .engine.evaluate import evaluate
-from .engine.predict import predict
-from .weights import load_checkpoint, save_checkpoint
+from .inference.cam import cam_image
+from .inference.evaluate import evaluate
+from .inference.predict import predict
+from .models import count_flops, count_params
+from .weights import convert_checkpoint, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 __all__ = [
-    "HRNetError", "UnknownModelError", "cam_image", "count_flops", "count_params", "create_model", "evaluate",
-    "get_model_info", "list_models", "load_checkpoint", "predict", "save_checkpoint",
+    "HRNetError", "UnknownModelError", "cam_image", "convert_checkpoint", "count_flops", "count_params",
+    "create_model", "evaluate", "get_model_info", "list_models", "load_checkpoint", "predict", "save_checkpoint",
 ]

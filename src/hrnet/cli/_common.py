@@ -41,8 +41,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace, **kwargs: Any):
     """The model named on the command line, with --checkpoint or else the published weights, in eval mode."""
-    from ..engine.distributed import default_device
-    from ..models import create_model
+    from ..distributed import default_device
+    from ..builder import create_model
 
     model = create_model(args.name, pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
                          progress=not getattr(args, "quiet", False), **kwargs)

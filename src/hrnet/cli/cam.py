@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
-    from ..engine.cam import cam_image
+    from ..inference.cam import cam_image
 
     result = cam_image(args.name, args.image, args.output, class_index=args.class_index,
                        checkpoint=args.checkpoint, device=args.device, input_size=args.input_size,

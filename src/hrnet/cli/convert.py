@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..models import ARCHS, MODELS, create_model, resolve
-from ..weights import LAYOUTS, load_checkpoint
-from ..weights.checkpoint import load_into, local_path, save_checkpoint, wrong_arch
-from ..weights.download import file_sha256, is_url
-from ..weights.safe import HUB_WEIGHTS
+from ..weights import LAYOUTS, convert_checkpoint
 from ._common import add_output_args, add_parser, print_json
 
 EXAMPLES = """\
@@ -34,24 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    path = local_path(args.src, progress=not args.quiet)
-    sd, meta = load_checkpoint(path, layout=args.layout)
-    arch = ARCHS[meta["arch"]]
-    name = args.model or meta.get("model") or next(r.name for r in MODELS.values() if r.arch == arch)
-    record = resolve(name)
-    if record.arch != arch:
-        raise wrong_arch(path, arch, record.name, record.arch)
-    model = create_model(record.name, num_classes=int(meta["num_classes"]))
-    load_into(model, sd, path)
-    sha = file_sha256(path / HUB_WEIGHTS if path.is_dir() else path)
-    source = args.src if is_url(args.src) else Path(args.src).name
-    out = save_checkpoint(model, args.dst, hub=args.hub,
-                          metadata={"source": source, "source_format": meta["format"], "source_sha256": sha})
-    result = {"dst": str(out), "model": record.name, "arch": arch.name, "num_classes": int(meta["num_classes"]),
-              "source_format": meta["format"], "source_sha256": sha}
+    result = convert_checkpoint(args.src, args.dst, model=args.model, layout=args.layout, hub=args.hub,
+                                progress=not args.quiet)
     if args.json:
         print_json(result)
     else:
-        print(f"wrote {out}: {record.name}, {result['num_classes']} classes, from the {meta['format']} layout, "
-              f"source sha256 {sha[:12]}")
+        print(f"wrote {result['dst']}: {result['model']}, {result['num_classes']} classes, from the "
+              f"{result['source_format']} layout, source sha256 {result['source_sha256'][:12]}")
     return 0

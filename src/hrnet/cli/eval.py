@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..engine.distributed import cleanup, init_distributed
-    from ..engine.evaluate import evaluate
+    from ..distributed import cleanup, init_distributed
+    from ..inference.evaluate import evaluate
 
     info = init_distributed(args.device)
     try:

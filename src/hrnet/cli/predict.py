@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..engine.predict import predict
+    from ..inference.predict import predict
 
     records = predict(args.name, args.inputs, topk=args.topk, checkpoint=args.checkpoint,
                       batch_size=args.batch_size, workers=args.workers, device=args.device,

@@ -33,9 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..engine.config import load_config
-    from ..engine.distributed import cleanup, init_distributed
-    from ..engine.train import train
+    from ..training.config import load_config
+    from ..distributed import cleanup, init_distributed
+    from ..training.train import train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from ..engine.plot import plot_run
+    from ..training.plot import plot_run
 
     out = plot_run(args.run_dir, args.output)
     if args.json:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..models import MODELS, count_flops, count_params, create_model, resolve
+from ..builder import create_model
+from ..models import MODELS, count_flops, count_params, resolve
 from ._common import add_output_args, add_parser, format_table, print_json
 
 

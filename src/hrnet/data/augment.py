@@ -1,7 +1,7 @@
 """Training-time augmentation: the mmcls ImageNet recipe's RandomResizedCrop + horizontal flip.
 
 Randomness comes from torch's global generator, so a caller that seeds it per sample (as the
-trainer does through :class:`hrnet.engine.sampler.EpochSeeded`) gets reproducible crops.
+trainer does through :class:`hrnet.training.sampler.EpochSeeded`) gets reproducible crops.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from PIL import Image
 from ..errors import HRNetError
 from ..models.zoo import EvalConfig
 
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
 # Above this many resized pixels (an extreme panorama), resample only the crop window through
 # PIL's ``box`` argument instead of materialising the whole resized image.
 _MAX_RESIZED_PIXELS = 1 << 24
@@ -45,11 +47,15 @@ class EvalTransform:
     """PIL RGB image -> normalised float32 CHW tensor, exactly as mmcls evaluates."""
 
     def __init__(self, input_size: int = 224, resize_size: int = 256,
-                 mean: tuple[float, ...] = EvalConfig.mean, std: tuple[float, ...] = EvalConfig.std):
+                 mean: tuple[float, ...] = EvalConfig.mean, std: tuple[float, ...] = EvalConfig.std,
+                 interpolation: str = "bilinear"):
         if not 0 < input_size <= resize_size:
             raise TransformConfigError(
                 f"crop {input_size} must be positive and no larger than the resized short edge {resize_size}")
-        self.input_size, self.resize_size = input_size, resize_size
+        if interpolation not in RESAMPLE:
+            raise TransformConfigError(f"interpolation must be one of {', '.join(RESAMPLE)}, got {interpolation!r}")
+        self.input_size, self.resize_size, self.interpolation = input_size, resize_size, interpolation
+        self.resample = RESAMPLE[interpolation]
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
@@ -59,12 +65,12 @@ class EvalTransform:
         """The record's pipeline; ``input_size`` and/or ``crop_pct`` override it, and the resize
         becomes ``floor(input_size / crop_pct)`` (timm's rule) when either is given."""
         if input_size is None and crop_pct is None:
-            return cls(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std)
+            return cls(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std, cfg.interpolation)
         size = cfg.input_size if input_size is None else input_size
         pct = cfg.crop_pct if crop_pct is None else crop_pct
         if not 0 < pct <= 1:
             raise TransformConfigError(f"--crop-pct must be in (0, 1], got {pct}")
-        return cls(size, math.floor(size / pct), cfg.mean, cfg.std)
+        return cls(size, math.floor(size / pct), cfg.mean, cfg.std, cfg.interpolation)
 
     def crop(self, img: Image.Image) -> Image.Image:
         """Resize and centre-crop: the pixels the model sees, before normalisation."""
@@ -73,9 +79,9 @@ class EvalTransform:
         c = self.input_size
         x, y = crop_offset(nw, c), crop_offset(nh, c)
         if nw * nh <= _MAX_RESIZED_PIXELS:
-            return img.resize((nw, nh), Image.BILINEAR).crop((x, y, x + c, y + c))
+            return img.resize((nw, nh), self.resample).crop((x, y, x + c, y + c))
         sx, sy = w / nw, h / nh
-        return img.resize((c, c), Image.BILINEAR, box=(x * sx, y * sy, (x + c) * sx, (y + c) * sy))
+        return img.resize((c, c), self.resample, box=(x * sx, y * sy, (x + c) * sx, (y + c) * sy))
 
     def normalize(self, crop: Image.Image) -> torch.Tensor:
         """An RGB image → float32 CHW ``(x - mean) / std``."""
@@ -86,10 +92,10 @@ class EvalTransform:
         return self.normalize(self.crop(img))
 
     def __repr__(self) -> str:
-        return f"EvalTransform(resize_short={self.resize_size}, bilinear, center_crop={self.input_size})"
+        return f"EvalTransform(resize_short={self.resize_size}, {self.interpolation}, center_crop={self.input_size})"
 
 
 def eval_transform(model_or_cfg, input_size: int | None = None, crop_pct: float | None = None) -> EvalTransform:
-    """The evaluation transform of a model built by ``create_model`` (or of an ``EvalConfig``)."""
-    cfg = model_or_cfg if isinstance(model_or_cfg, EvalConfig) else model_or_cfg.pretrained_cfg.eval
+    """The evaluation transform of an hrnet model (its ``eval_cfg``) or of an ``EvalConfig``."""
+    cfg = model_or_cfg if isinstance(model_or_cfg, EvalConfig) else model_or_cfg.eval_cfg
     return EvalTransform.from_config(cfg, input_size, crop_pct)

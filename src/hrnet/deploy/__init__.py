@@ -1,10 +1,11 @@
 """Fast inference and export: the BN-folded model, backends, ONNX/.pt2 export, benchmarking."""
 
 from .export import ExportError, export_metadata, export_onnx, export_pt2, load_pt2
-from .optimize import FusedHRNet, fuse_model
-from .runners import BACKENDS, BackendError, Runner, make_runner
+from .fold import fuse_model
+from .ort import BackendError, OnnxRuntimeRunner
+from .runners import BACKENDS, Runner, make_runner
 
 __all__ = [
-    "BACKENDS", "BackendError", "ExportError", "FusedHRNet", "Runner", "export_metadata", "export_onnx",
+    "BACKENDS", "BackendError", "ExportError", "OnnxRuntimeRunner", "Runner", "export_metadata", "export_onnx",
     "export_pt2", "fuse_model", "load_pt2", "make_runner",
 ]

@@ -97,8 +97,9 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
     change the amount of work. ``onnx``: serve this exported file (onnxruntime backend) instead of
     exporting here, as a deployment would.
     """
-    from ..models import create_model
-    from .runners import OnnxRuntimeRunner, make_runner
+    from ..builder import create_model
+    from .ort import OnnxRuntimeRunner
+    from .runners import make_runner
 
     if threads:
         torch.set_num_threads(threads)
@@ -126,7 +127,7 @@ def bench(name: str, backend: str, **kwargs) -> BenchResult:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         if backend == "onnxruntime":
-            from ..models import create_model
+            from ..builder import create_model
             from .export import export_onnx
 
             model = create_model(name, checkpoint=kwargs.get("checkpoint")).eval()

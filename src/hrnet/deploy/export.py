@@ -2,13 +2,12 @@
 
 Both files carry the preprocessing settings (``model.pretrained_cfg.eval``) as metadata, so a
 consumer can rebuild the exact input pipeline without hrnet. What is exported is the
-inference-optimised :class:`~hrnet.deploy.optimize.FusedHRNet` in NCHW layout.
+BN-folded model of :func:`~hrnet.deploy.fold.fuse_model` in NCHW layout.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import warnings
@@ -18,10 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import HRNetError
-from .optimize import FusedHRNet, fuse_model
-
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
+from ..fileio import atomic_write
+from .fold import fuse_model
+from .ort import INPUT_NAME, OUTPUT_NAME, ort_session
 METADATA_FILE = "hrnet_metadata.json"  # the .pt2 extra file holding the metadata
 CHECK_BATCHES = (1, 3)  # batch sizes a dynamic-batch export is verified at
 RTOL = 1e-4  # max |exported - eager| / max |eager|
@@ -32,27 +30,24 @@ class ExportError(HRNetError):
 
 
 def export_metadata(model: nn.Module, input_size: tuple[int, int]) -> dict[str, str]:
-    """String key/values describing the model and its preprocessing (pixel values 0..255, RGB)."""
-    record = getattr(model, "pretrained_cfg", None)
+    """String key/values describing the model and its preprocessing (``model.eval_cfg``; pixel values
+    0..255, RGB). Strings are stored as they are, numbers and lists as JSON."""
     meta = {"hrnet.input_size": json.dumps(list(input_size)), "hrnet.input_layout": "NCHW RGB float32",
             "hrnet.output": "logits", "hrnet.num_classes": str(model.num_classes)}
+    record = getattr(model, "pretrained_cfg", None)
     if record is not None:
         meta["hrnet.model"] = record.name
-        for key, value in dataclasses.asdict(record.eval).items():
-            meta[f"hrnet.preprocess.{key}"] = json.dumps(value)
-        meta["hrnet.preprocess.crop_pct"] = json.dumps(record.eval.crop_pct)
+    for key, value in model.eval_cfg.to_dict().items():
+        meta[f"hrnet.preprocess.{key}"] = value if isinstance(value, str) else json.dumps(value)
     return meta
 
 
-def _nchw_fused(model: nn.Module) -> FusedHRNet:
-    fused = copy.deepcopy(model) if isinstance(model, FusedHRNet) else fuse_model(model, channels_last=False)
-    return fused.to(memory_format=torch.contiguous_format).cpu().eval()
+def _nchw_fused(model: nn.Module) -> nn.Module:
+    return fuse_model(model, channels_last=False).cpu()
 
 
 def _default_input_size(model: nn.Module) -> tuple[int, int]:
-    record = getattr(model, "pretrained_cfg", None)
-    size = record.eval.input_size if record is not None else 224
-    return size, size
+    return model.eval_cfg.input_size, model.eval_cfg.input_size
 
 
 def _check(name: str, reference: nn.Module, run, input_size: tuple[int, int], batches: tuple[int, ...]) -> None:
@@ -83,7 +78,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch: int | None 
     fused = _nchw_fused(model)
     example = torch.zeros(batch or 2, 3, *input_size)
     dynamic = None if batch else ({0: torch.export.Dim("batch", min=1)},)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -93,14 +87,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, batch: int | None 
         raise ExportError(f"{path}: ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     for key, value in export_metadata(model, input_size).items():
         program.model.metadata_props[key] = value
-    program.save(str(path))
-    if check:
-        from .runners import ort_session
 
-        session = ort_session(path)
-        _check(str(path), model, lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0], input_size,
-               (batch,) if batch else CHECK_BATCHES)
-    return path
+    def write(tmp: str) -> None:  # checked before it replaces anything at ``path``
+        program.save(tmp)
+        if check:
+            session = ort_session(tmp)
+            _check(str(path), model, lambda x: session.run(None, {INPUT_NAME: x.numpy()})[0], input_size,
+                   (batch,) if batch else CHECK_BATCHES)
+    return atomic_write(path, write)
 
 
 def export_pt2(model: nn.Module, path: str | os.PathLike, *, batch: int | None = None,
@@ -119,12 +113,11 @@ def export_pt2(model: nn.Module, path: str | os.PathLike, *, batch: int | None =
         program = torch.export.export(fused, (example,), dynamic_shapes=dynamic)
     except Exception as e:
         raise ExportError(f"{path}: torch.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, path, extra_files={METADATA_FILE: json.dumps(export_metadata(model, input_size))})
-    if check:
-        loaded = load_pt2(path)[0].module()
-        _check(str(path), model, loaded, input_size, (batch,) if batch else CHECK_BATCHES)
-    return path
+    def write(tmp: str) -> None:
+        torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(export_metadata(model, input_size))})
+        if check:
+            _check(str(path), model, load_pt2(tmp)[0].module(), input_size, (batch,) if batch else CHECK_BATCHES)
+    return atomic_write(path, write)
 
 
 def load_pt2(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, dict[str, str]]:

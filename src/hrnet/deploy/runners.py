@@ -6,19 +6,16 @@ the same device, so ``predict``/``eval`` and user code switch backends without o
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..errors import HRNetError
-from .export import INPUT_NAME
-from .optimize import FusedHRNet, fuse_model
+from .export import export_onnx
+from .fold import fuse_model, is_folded
+from .ort import BackendError, OnnxRuntimeRunner, import_onnxruntime
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -26,31 +23,6 @@ BACKENDS: tuple[str, ...] = ("eager", "fused", "compile", "onnxruntime")
 """eager: the model as built (the reference); fused: BN-folded channels_last copy in eager PyTorch;
 compile: the fused copy through torch.compile (inductor, frozen weights); onnxruntime: the fused copy
 exported to ONNX and run by onnxruntime (needs the ``hrnet[onnx]`` extra)."""
-
-
-class BackendError(HRNetError):
-    """An unknown backend, or one whose optional dependency is missing."""
-
-
-def import_onnxruntime():
-    """onnxruntime, or a one-line error saying how to get it (it is an optional extra)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BackendError("the onnxruntime backend needs onnxruntime: pip install 'hrnet[onnx]'") from None
-    return onnxruntime
-
-
-def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """An onnxruntime CPU session with every graph optimisation and ``threads`` intra-op threads
-    (default: onnxruntime's choice, one per physical core)."""
-    ort = import_onnxruntime()
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _eager(model: nn.Module) -> Runner:
@@ -62,8 +34,8 @@ def _eager(model: nn.Module) -> Runner:
     return run
 
 
-def _fused(model: nn.Module) -> FusedHRNet:
-    return model if isinstance(model, FusedHRNet) else fuse_model(model)
+def _fused(model: nn.Module) -> nn.Module:
+    return model if is_folded(model) else fuse_model(model)
 
 
 def _channels_last(model: nn.Module) -> Runner:
@@ -84,40 +56,7 @@ def _compile(model: nn.Module, input_size: tuple[int, int]) -> Runner:
     return run
 
 
-class OnnxRuntimeRunner:
-    """onnxruntime on an exported hrnet ONNX file, one batch chunk per core.
-
-    A batch of at least two images is split into one chunk per thread, and each chunk runs on a
-    single-threaded session concurrently (onnxruntime releases the GIL): every core then works on
-    whole convolutions, with no intra-op synchronisation between the many small ones of HRNet.
-    Smaller batches use a multi-threaded session, created on first need.
-    """
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        import_onnxruntime()
-        self.path = Path(path)
-        self.threads = threads or os.cpu_count() or 1
-        self.serial = ort_session(self.path, 1)
-        self.pool = ThreadPoolExecutor(self.threads)
-        self._multi = None
-        self.owned_dir: tempfile.TemporaryDirectory | None = None  # deleted with the runner
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        images = x.detach().float().cpu().contiguous().numpy()
-        if len(images) >= 2 and self.threads > 1:
-            chunks = np.array_split(images, min(self.threads, len(images)))
-            outs = self.pool.map(lambda chunk: self.serial.run(None, {INPUT_NAME: chunk})[0], chunks)
-            logits = np.concatenate(list(outs))
-        else:
-            if self._multi is None:
-                self._multi = ort_session(self.path, self.threads)
-            logits = self._multi.run(None, {INPUT_NAME: images})[0]
-        return torch.from_numpy(logits).to(x.device)
-
-
 def _onnxruntime(model: nn.Module, input_size: tuple[int, int], threads: int | None) -> OnnxRuntimeRunner:
-    from .export import export_onnx
-
     import_onnxruntime()  # fail before a long export, not after
     tmp = tempfile.TemporaryDirectory()
     path = export_onnx(model, Path(tmp.name) / "model.onnx", input_size=input_size, check=False)

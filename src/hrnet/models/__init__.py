@@ -1,12 +1,12 @@
-"""Architectures, modules, the zoo and the counter."""
+"""Architectures, modules, the zoo records and the counter. Nothing here loads weights: the builder
+(:mod:`hrnet.builder`) combines these models with :mod:`hrnet.weights`."""
 
 from .arch import ARCHS, Arch, Stage
-from .factory import create_model, get_model_info, list_models
 from .flops import count_flops, count_params
-from .hrnet import FeatureInfo, HRNet, HRNetFeatures
-from .zoo import MODELS, EvalConfig, ModelRecord, resolve
+from .hrnet import FeatureInfo, HRNet, HRNetFeatures, HRNetTrunk
+from .zoo import MODELS, EvalConfig, ModelRecord, models_of, resolve, resolve_arch
 
 __all__ = [
-    "ARCHS", "Arch", "Stage", "create_model", "get_model_info", "list_models", "count_flops", "count_params",
-    "FeatureInfo", "HRNet", "HRNetFeatures", "MODELS", "EvalConfig", "ModelRecord", "resolve",
+    "ARCHS", "Arch", "Stage", "count_flops", "count_params", "FeatureInfo", "HRNet", "HRNetFeatures", "HRNetTrunk",
+    "MODELS", "EvalConfig", "ModelRecord", "models_of", "resolve", "resolve_arch",
 ]

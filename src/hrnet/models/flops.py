@@ -54,7 +54,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, int] = (224, 224), in_c
     try:
         model.eval()
         x = torch.zeros(1, in_chans, *input_size, device=next(model.parameters()).device)
-        if isinstance(model, HRNet) and hasattr(model, "classifier"):
+        if isinstance(model, HRNet):  # the classifier: up to the pooled features, not the Linear layer
             model.forward_head(model.forward_features(x), pre_logits=True)
         else:
             model(x)

@@ -1,4 +1,4 @@
-"""HRNet-C classifier and multi-resolution feature extractor.
+"""HRNet-C: a shared trunk with two heads, the classifier and the multi-resolution feature extractor.
 
 Module names follow the official HRNet-Image-Classification layout (also timm's), so those
 state dicts load by name. The head convs carry no bias (the mmcls layout): a bias before
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import EXPANSION, Arch, Stage
+from .zoo import EvalConfig, ModelRecord
 
 BN_MOMENTUM = 0.1
 FeatureLocation = Literal["incre", ""]
@@ -171,15 +172,21 @@ class FeatureInfo:
     module: str
 
 
-class HRNet(nn.Module):
-    """HRNet-C. ``head="classification"`` is the classifier; ``"incre"`` and ``""`` stop early
-    (used by :class:`HRNetFeatures`)."""
+class HRNetTrunk(nn.Module):
+    """The part every HRNet shares: the stem, stage 1, the transitions and stages 2-4, ending in
+    four parallel branches (C, 2C, 4C, 8C channels at strides 4..32).
 
-    def __init__(self, arch: Arch, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-                 head: Literal["classification", "incre", ""] = "classification"):
+    The classifier (:class:`HRNet`) and the feature extractor (:class:`HRNetFeatures`) are its two
+    heads. Every model carries ``eval_cfg``, the preprocessing it is evaluated with (the default
+    ImageNet one until weights that say otherwise are loaded), and ``pretrained_cfg``, the zoo record
+    of its published weights or None.
+    """
+
+    def __init__(self, arch: Arch, in_chans: int = 3):
         super().__init__()
         self.arch = arch
-        self.num_classes = num_classes
+        self.eval_cfg = EvalConfig()
+        self.pretrained_cfg: ModelRecord | None = None
         self.conv1 = nn.Conv2d(in_chans, arch.stem_width, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(arch.stem_width, momentum=BN_MOMENTUM)
         self.conv2 = nn.Conv2d(arch.stem_width, 64, 3, 2, 1, bias=False)
@@ -195,26 +202,7 @@ class HRNet(nn.Module):
             setattr(self, f"stage{n}", StageSequence(*(HRModule(stage, stage.out_channels) for _ in range(stage.modules))))
             channels = stage.out_channels
 
-        self.feature_info = [FeatureInfo(0, arch.stem_width, 2, "conv1")]
-        if head:
-            incre = arch.incre_channels
-            self.incre_modules = nn.ModuleList(
-                make_layer("bottleneck", c, w, 1) for c, w in zip(channels, arch.head_widths))
-            self.feature_info += [FeatureInfo(i + 1, c, 4 * 2**i, f"incre_modules.{i}") for i, c in enumerate(incre)]
-        else:
-            self.feature_info += [FeatureInfo(i + 1, c, 4 * 2**i, f"stage4.{i}") for i, c in enumerate(channels)]
-        if head == "classification":
-            incre = arch.incre_channels
-            self.downsamp_modules = nn.ModuleList(
-                conv_bn(incre[i], incre[i + 1], stride=2) for i in range(len(incre) - 1))
-            self.final_layer = conv_bn(incre[-1], arch.num_features, kernel=1)
-            self.num_features = arch.num_features
-            self.global_pool = GlobalAvgPool()
-            self.drop_rate = drop_rate
-            self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        self._init_weights()
-
-    def _init_weights(self) -> None:
+    def init_weights(self) -> None:
         if self.conv1.weight.is_meta:  # built for its shapes only; meta-device init is slow and pointless
             return
         for m in self.modules():
@@ -238,8 +226,34 @@ class HRNet(nn.Module):
             xs = getattr(self, f"stage{n}")(xs)
         return xs
 
+
+def make_incre(arch: Arch) -> nn.ModuleList:
+    """The head's first part: one Bottleneck per branch, to 128/256/512/1024 channels."""
+    return nn.ModuleList(make_layer("bottleneck", c, w, 1) for c, w in zip(arch.branch_channels, arch.head_widths))
+
+
+class HRNet(HRNetTrunk):
+    """HRNet-C, the classifier: the trunk, then the "incre" head (as mmpretrain's ``HRFuseScales``
+    neck): each branch widened by a Bottleneck, summed from high to low resolution through stride-2
+    convs, a 1x1 conv to ``num_features``, global average pooling and a Linear classifier."""
+
+    def __init__(self, arch: Arch, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0):
+        super().__init__(arch, in_chans)
+        incre = arch.incre_channels
+        self.incre_modules = make_incre(arch)
+        self.downsamp_modules = nn.ModuleList(conv_bn(incre[i], incre[i + 1], stride=2) for i in range(len(incre) - 1))
+        self.final_layer = conv_bn(incre[-1], arch.num_features, kernel=1)
+        self.num_features = arch.num_features
+        self.global_pool = GlobalAvgPool()
+        self.drop_rate = drop_rate
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.feature_info = [FeatureInfo(0, arch.stem_width, 2, "conv1")] + [
+            FeatureInfo(i + 1, c, 4 * 2**i, f"incre_modules.{i}") for i, c in enumerate(incre)]
+        self.init_weights()
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The 2048-channel stride-32 map that the classifier pools."""
+        """The ``num_features``-channel stride-32 map that the classifier pools."""
         xs = self.branches(self.stem(x)[1])
         y = self.incre_modules[0](xs[0])
         for incre, down, x_i in zip(self.incre_modules[1:], self.downsamp_modules, xs[1:]):
@@ -266,7 +280,7 @@ class HRNet(nn.Module):
                            if num_classes else nn.Identity())
 
 
-class HRNetFeatures(HRNet):
+class HRNetFeatures(HRNetTrunk):
     """Multi-resolution feature extractor: returns a list of maps, one per ``out_indices`` entry.
 
     ``feature_location="incre"`` gives the head's 128/256/512/1024-channel maps; ``""`` the raw
@@ -280,17 +294,21 @@ class HRNetFeatures(HRNet):
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in range(5) for i in out_indices) or len(set(out_indices)) != len(out_indices):
             raise ValueError(f"out_indices must be distinct values in 0..4, got {out_indices}")
-        super().__init__(arch, num_classes=0, in_chans=in_chans, head=feature_location)
+        super().__init__(arch, in_chans)
+        self.feature_location = feature_location
+        self.incre_modules = make_incre(arch) if feature_location == "incre" else None
+        channels = arch.incre_channels if feature_location == "incre" else arch.branch_channels
+        names = "incre_modules" if feature_location == "incre" else "stage4"
+        info = [FeatureInfo(0, arch.stem_width, 2, "conv1")] + [
+            FeatureInfo(i + 1, c, 4 * 2**i, f"{names}.{i}") for i, c in enumerate(channels)]
         self.out_indices = tuple(sorted(out_indices))
-        self.feature_info = [f for f in self.feature_info if f.index in self.out_indices]
+        self.feature_info = [f for f in info if f.index in self.out_indices]
+        self.init_weights()
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         s2, s4 = self.stem(x)
         xs = self.branches(s4)
-        if hasattr(self, "incre_modules"):
+        if self.incre_modules is not None:
             xs = [incre(f) for incre, f in zip(self.incre_modules, xs)]
         feats = [s2, *xs]
         return [feats[i] for i in self.out_indices]
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
-        return self.forward(x)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 from dataclasses import dataclass
+from typing import Literal
 
 from ..errors import UnknownModelError
 from .arch import ARCHS, Arch
@@ -22,33 +22,51 @@ MMCLS_BASE = "https://download.openmmlab.com/mmclassification/v0/hrnet/"
 HF_BASE = "https://huggingface.co/timm/{}/resolve/main/model.safetensors"
 
 
-def sha256_prefix(filename: str) -> str | None:
-    """The hex digits after the last '-' of ``name-<hex>.ext`` (the torch.hub convention), if any."""
-    m = re.search(r"-([0-9a-f]{8,64})\.[a-z.]+$", filename)
-    return m.group(1) if m else None
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How the published accuracy was measured: resize the short edge to ``resize_size`` (the long
-    edge truncated), centre-crop ``input_size``, normalise with ``mean``/``std`` on 0..255 values."""
+    """How a model is evaluated: resize the short edge to ``resize_size`` (the long edge truncated)
+    with ``interpolation``, centre-crop ``input_size``, normalise with ``mean``/``std`` on 0..255 values.
+    The defaults are the mmcls ImageNet pipeline the zoo's accuracy was measured with."""
 
     input_size: int = 224
     resize_size: int = 256
-    interpolation: str = "bilinear"
+    interpolation: Interpolation = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
 
     @property
     def crop_pct(self) -> float:
         return self.input_size / self.resize_size
 
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "crop_pct": self.crop_pct}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalConfig:
+        """The inverse of :meth:`to_dict` (``crop_pct`` is derived, so ignored); unknown keys are an error."""
+        d = {k: v for k, v in d.items() if k != "crop_pct"}
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
 
 @dataclass(frozen=True)
 class ModelRecord:
+    """Published weights: where they are (``url``, and ``sha256_prefix``, the hash prefix the file name
+    carries, None where none was published), what they score, and how they were evaluated."""
+
     name: str
     arch: Arch
     url: str
+    sha256_prefix: str | None
     top1: float
     top5: float
     params: int | None  # exact published count (mmcls convention); None where none was published
@@ -66,16 +84,11 @@ class ModelRecord:
             return self.url.split("/")[4] + ".safetensors"
         return self.url.rsplit("/", 1)[-1]
 
-    @property
-    def sha256_prefix(self) -> str | None:
-        return sha256_prefix(self.filename)
-
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["arch"] = self.arch.name
         d["filename"] = self.filename
-        d["sha256_prefix"] = self.sha256_prefix
-        d["eval"]["crop_pct"] = self.eval.crop_pct
+        d["eval"] = self.eval.to_dict()
         return d
 
 
@@ -86,7 +99,7 @@ def _seed(width: int, ssld: bool, sha: str, params: int, flops: int, top1: float
     return ModelRecord(
         name=f"hrnet-w{width}{'-ssld' if ssld else ''}",
         arch=ARCHS[f"w{width}"],
-        url=f"{MMCLS_BASE}{mm}_20220120-{sha}.pth",
+        url=f"{MMCLS_BASE}{mm}_20220120-{sha}.pth", sha256_prefix=sha,
         top1=top1, top5=top5, params=params, flops=flops,
         source=("PaddleClas SSLD distillation, converted by MMClassification" if ssld
                 else "HRNet/HRNet-Image-Classification, converted by MMClassification"),
@@ -109,12 +122,14 @@ _RECORDS = [
     # accuracy from the official README (top-1 error 27.7% / 24.9%, top-5 error 9.3% / 7.6%).
     ModelRecord(
         name="hrnet-w18-small", arch=ARCHS["w18-small"], url=HF_BASE.format("hrnet_w18_small.ms_in1k"),
+        sha256_prefix=None,
         top1=72.3, top5=90.7, params=None, flops=None,
         source="HRNet/HRNet-Image-Classification, via timm's hub copy", license="MIT",
         aliases=("hrnet_w18_small", "hrnet_w18_small.ms_in1k"),
     ),
     ModelRecord(
         name="hrnet-w18-small-v2", arch=ARCHS["w18-small-v2"], url=HF_BASE.format("hrnet_w18_small_v2.ms_in1k"),
+        sha256_prefix=None,
         top1=75.1, top5=92.4, params=None, flops=None,
         source="HRNet/HRNet-Image-Classification, via timm's hub copy", license="MIT",
         aliases=("hrnet_w18_small_v2", "hrnet_w18_small_v2.ms_in1k"),
@@ -137,7 +152,25 @@ def resolve(name: str) -> ModelRecord:
     """The record for a canonical name or any alias (timm's, mmcls's), case-insensitively."""
     canonical = _LOOKUP.get(_key(name))
     if canonical is None:
-        close = difflib.get_close_matches(_key(name), list(_LOOKUP), n=3, cutoff=0.5)
-        hint = ", ".join(dict.fromkeys(_LOOKUP[c] for c in close)) or ", ".join(MODELS)
+        if _key(name) in ARCHS:
+            raise UnknownModelError(f"{name!r} is an architecture without published weights; "
+                                    "pass a checkpoint, or one of: " + ", ".join(models_of(ARCHS[_key(name)])))
+        close = difflib.get_close_matches(_key(name), [*_LOOKUP, *ARCHS], n=3, cutoff=0.5)
+        hint = ", ".join(dict.fromkeys(_LOOKUP.get(c, c) for c in close)) or ", ".join(MODELS)
         raise UnknownModelError(f"unknown model {name!r}; did you mean: {hint}?")
     return MODELS[canonical]
+
+
+def resolve_arch(name: str) -> tuple[Arch, ModelRecord | None]:
+    """A zoo name or alias (its architecture and weights record), or a bare architecture name of
+    :data:`~hrnet.models.arch.ARCHS` such as ``w18`` (no weights record)."""
+    arch = ARCHS.get(_key(name))
+    if arch is not None and _key(name) not in _LOOKUP:
+        return arch, None
+    record = resolve(name)
+    return record.arch, record
+
+
+def models_of(arch: Arch) -> list[str]:
+    """The zoo names built on ``arch``."""
+    return [r.name for r in MODELS.values() if r.arch == arch]

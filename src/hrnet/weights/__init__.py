@@ -1,11 +1,12 @@
 """Weights: loading every public HRNet checkpoint format safely, the download cache, hrnet's own format."""
 
-from .checkpoint import load_checkpoint, load_weights, local_path, save_checkpoint
+from .checkpoint import (convert_checkpoint, eval_config_of, load_checkpoint, load_weights, local_path,
+                         save_checkpoint)
 from .download import cache_dir, fetch
 from .errors import ChecksumError, CheckpointError, DownloadError, KeyMismatchError, UnsafeCheckpointError
 from .formats import LAYOUTS
 
 __all__ = [
-    "load_checkpoint", "load_weights", "local_path", "save_checkpoint", "cache_dir", "fetch", "ChecksumError", "CheckpointError",
+    "convert_checkpoint", "eval_config_of", "load_checkpoint", "load_weights", "local_path", "save_checkpoint", "cache_dir", "fetch", "ChecksumError", "CheckpointError",
     "DownloadError", "KeyMismatchError", "UnsafeCheckpointError", "LAYOUTS",
 ]

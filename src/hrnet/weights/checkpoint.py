@@ -7,19 +7,17 @@ holds the same file as ``model.safetensors`` next to a ``config.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import save_file
 from torch import nn
 
+from ..fileio import atomic_write
 from ..models.arch import ARCHS, Arch
-from ..models.zoo import MODELS, ModelRecord
+from ..models.zoo import EvalConfig, ModelRecord, models_of, resolve
 from .download import fetch, is_url
 from .errors import CheckpointError, KeyMismatchError
 from .formats import (LAYOUTS, StateDict, check, convert, describe_mismatch, detect_layout, infer_arch, mismatch,
@@ -27,7 +25,7 @@ from .formats import (LAYOUTS, StateDict, check, convert, describe_mismatch, det
 from .safe import HUB_CONFIG, HUB_WEIGHTS, read_file
 
 Source = ModelRecord | str | os.PathLike
-RESERVED = ("format", "arch", "num_classes", "hrnet_version")
+RESERVED = ("format", "arch", "num_classes", "hrnet_version", "model", "eval")
 CLASSIFIER = ("classifier.weight", "classifier.bias")
 
 
@@ -52,11 +50,6 @@ def read_state_dict(path: Path, layout: str = "auto") -> tuple[StateDict, dict[s
     return sd, metadata, found
 
 
-def models_of(arch: Arch) -> str:
-    """The zoo names built on ``arch``, for messages."""
-    return ", ".join(r.name for r in MODELS.values() if r.arch == arch)
-
-
 def load_checkpoint(source: str | os.PathLike, *, layout: str = "auto",
                     progress: bool = True) -> tuple[StateDict, dict[str, str]]:
     """Any supported checkpoint as hrnet's state dict, and its metadata.
@@ -77,17 +70,19 @@ def load_checkpoint(source: str | os.PathLike, *, layout: str = "auto",
     return out, {**metadata, "format": found, "arch": arch.name, "num_classes": str(classes)}
 
 
-def load_weights(model: nn.Module, source: Source, *, progress: bool = True, fit_classifier: bool = False) -> None:
+def load_weights(model: nn.Module, source: Source, *, progress: bool = True,
+                 fit_classifier: bool = False) -> dict[str, str]:
     """Load ``source`` (a zoo record, a file or hub directory in any supported format, or a URL) into ``model``.
 
     Strict about the model's own keys and shapes. A classifier with another class count (or none in the
     checkpoint) is skipped with a warning, the fine-tuning case, unless ``fit_classifier`` asks to
     resize the model's classifier to the checkpoint's (a fine-tuned file loaded without ``num_classes``).
     A feature extractor ignores the head it lacks. Weights of another width are refused with a message
-    naming that width.
+    naming that width. Returns the checkpoint's metadata (see :func:`eval_config_of` for what it
+    says about evaluation).
     """
     path = local_path(source, progress=progress)
-    sd, _, found = read_state_dict(path)
+    sd, metadata, found = read_state_dict(path)
     arch: Arch = model.arch
     cfg = getattr(model, "pretrained_cfg", None)
     name = cfg.name if cfg is not None else arch.name
@@ -101,11 +96,22 @@ def load_weights(model: nn.Module, source: Source, *, progress: bool = True, fit
     if current is not None and CLASSIFIER[0] in out and out[CLASSIFIER[0]].shape[0] != current.shape[0]:
         model.reset_classifier(out[CLASSIFIER[0]].shape[0])
     load_into(model, out, path)
+    return metadata
+
+
+def eval_config_of(metadata: dict[str, str], path: str | os.PathLike) -> EvalConfig | None:
+    """The evaluation settings an hrnet-format file carries (written by :func:`save_checkpoint`), if any."""
+    if "eval" not in metadata:
+        return None
+    try:
+        return EvalConfig.from_dict(json.loads(metadata["eval"]))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable 'eval' metadata ({e})") from None
 
 
 def wrong_arch(path: Path, found: Arch, name: str, arch: Arch) -> KeyMismatchError:
     """The error for weights of another architecture: it names the one they belong to."""
-    return KeyMismatchError(f"{path}: holds {found.name} weights ({models_of(found)}), but the model is "
+    return KeyMismatchError(f"{path}: holds {found.name} weights ({', '.join(models_of(found))}), but the model is "
                             f"{name} ({arch.name}); build that model instead")
 
 
@@ -134,45 +140,66 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict
                     hub: bool = False) -> Path:
     """Write ``model``'s weights in hrnet's format (atomically) and return the weights file's path.
 
-    ``metadata`` adds string entries (e.g. ``source_sha256``) next to the ones hrnet writes itself.
-    ``hub=True`` makes ``path`` a directory with ``model.safetensors`` and ``config.json``.
+    The file records the architecture, class count, zoo name and the model's evaluation settings
+    (``model.eval_cfg``), so loading it evaluates the model as it was meant to be (a network
+    fine-tuned at 32x32 is evaluated at 32x32). ``metadata`` adds string entries (e.g.
+    ``source_sha256``). ``hub=True`` makes ``path`` a directory with ``model.safetensors`` and
+    ``config.json``.
     """
-    from .. import __version__
-
     if not hasattr(model, "arch"):
         raise TypeError(f"save_checkpoint needs an hrnet model (with .arch), got {type(model).__name__}")
+    cfg = getattr(model, "pretrained_cfg", None)
+    return save_state_dict(model.state_dict(), model.arch, path, num_classes=getattr(model, "num_classes", 0),
+                           model=cfg.name if cfg is not None else None, eval_cfg=model.eval_cfg,
+                           metadata=metadata, hub=hub)
+
+
+def save_state_dict(sd: StateDict, arch: Arch, path: str | os.PathLike, *, num_classes: int, model: str | None,
+                    eval_cfg: EvalConfig, metadata: dict[str, str] | None = None, hub: bool = False) -> Path:
+    """:func:`save_checkpoint` for a state dict in hrnet's keys (no model needed)."""
+    from .. import __version__
+
     extra = dict(metadata or {})
     clash = [k for k in extra if k in RESERVED]
     if clash:
         raise ValueError(f"metadata keys {clash} are written by hrnet itself")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise TypeError("metadata keys and values must be strings")
-    cfg = getattr(model, "pretrained_cfg", None)
-    meta = {"format": "hrnet", "arch": model.arch.name, "num_classes": str(getattr(model, "num_classes", 0)),
-            "hrnet_version": __version__, **({"model": cfg.name} if cfg is not None else {}), **extra}
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "hrnet", "arch": arch.name, "num_classes": str(num_classes), "hrnet_version": __version__,
+            **({"model": model} if model else {}), "eval": json.dumps(eval_cfg.to_dict()), **extra}
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
     target = Path(path)
     if hub:
-        target.mkdir(parents=True, exist_ok=True)
-        config = {**meta, "num_classes": int(meta["num_classes"]),
-                  **({"pretrained_cfg": dataclasses.asdict(cfg.eval)} if cfg is not None else {})}
+        config = {**meta, "num_classes": num_classes, "pretrained_cfg": eval_cfg.to_dict()}
+        del config["eval"]
         atomic_write(target / HUB_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         target = target / HUB_WEIGHTS
     atomic_write(target, lambda tmp: save_file(sd, tmp, metadata=meta))
     return target
 
 
-def atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, flush it to disk, then rename it
-    onto ``path``: readers (and a run resumed after a crash) never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, model: str | None = None,
+                       layout: str = "auto", hub: bool = False, progress: bool = True) -> dict:
+    """Convert any supported checkpoint (file, hub directory or URL) to hrnet's format at ``dst``.
+
+    ``model`` names the zoo model the weights belong to (default: the one the file names, else the
+    first zoo model of the architecture found in it); its record's evaluation settings are written
+    unless the source carries its own. Returns what was written: ``{"dst", "model", "arch",
+    "num_classes", "source_format", "source_sha256"}``.
+    """
+    from .download import file_sha256
+
+    path = local_path(src, progress=progress)
+    sd, meta = load_checkpoint(path, layout=layout)
+    arch = ARCHS[meta["arch"]]
+    record = resolve(model or meta.get("model") or models_of(arch)[0])
+    if record.arch != arch:
+        raise wrong_arch(path, arch, record.name, record.arch)
+    sha = file_sha256(path / HUB_WEIGHTS if path.is_dir() else path)
+    source = str(src) if is_url(src) else Path(src).name
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    out = save_state_dict(sd, arch, dst, num_classes=int(meta["num_classes"]), model=record.name,
+                          eval_cfg=eval_config_of(meta, path) or record.eval, hub=hub,
+                          metadata={"source": source, "source_format": meta["format"], "source_sha256": sha})
+    return {"dst": str(out), "model": record.name, "arch": arch.name, "num_classes": int(meta["num_classes"]),
+            "source_format": meta["format"], "source_sha256": sha}

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import http.client
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -22,12 +23,17 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from ..models.zoo import sha256_prefix
 from .errors import ChecksumError, DownloadError
 
 TIMEOUT = 10.0  # seconds to connect, and to wait for each chunk: an unreachable host fails fast
 CHUNK = 1 << 20
 LOCAL_HINT = "pass a local file instead: checkpoint=PATH in Python, --checkpoint PATH on the command line"
+
+
+def sha256_prefix(filename: str) -> str | None:
+    """The hex digits after the last '-' of ``name-<hex>.ext`` (the torch.hub convention), if any."""
+    m = re.search(r"-([0-9a-f]{8,64})\.[a-z.]+$", filename)
+    return m.group(1) if m else None
 
 
 def cache_dir() -> Path:

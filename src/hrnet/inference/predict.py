@@ -14,7 +14,7 @@ from tqdm import tqdm
 from ..data import (Batch, EvalTransform, ImageList, ImageReadError, class_names, eval_transform, find_images,
                     inference_loader)
 from ..deploy import Runner, make_runner
-from .distributed import default_device
+from ..distributed import default_device
 
 PathLike = str | os.PathLike
 
@@ -40,7 +40,7 @@ class Classifier:
                 raise TypeError("checkpoint applies to a model name, not to a built model")
             model = model_or_name
         else:
-            from ..models import create_model
+            from ..builder import create_model
 
             model = create_model(model_or_name, pretrained=checkpoint is None, checkpoint=checkpoint,
                                  progress=progress)

@@ -5,7 +5,7 @@ logged step and per epoch), ``checkpoints/step-*.pt`` (the last ``keep_last`` tr
 ``best.safetensors`` (the best model so far in hrnet's weights format, loadable with
 ``create_model(name, checkpoint=...)`` and ``hrnet eval --checkpoint``).
 
-Reproducibility rests on :mod:`hrnet.engine.sampler`: sample order and crops are functions of
+Reproducibility rests on :mod:`hrnet.training.sampler`: sample order and crops are functions of
 (seed, epoch, position), and a checkpoint stores every generator's state plus the position in the
 epoch, so a resumed run continues bit for bit (CPU, ``train.deterministic``).
 """
@@ -13,6 +13,7 @@ epoch, so a resumed run continues bit for bit (CPU, ``train.deterministic``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -33,15 +34,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..builder import create_model
 from ..data import DatasetError, EvalTransform, ImageDataset, collate, shard
 from ..data.augment import TrainTransform
+from ..distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
 from ..errors import HRNetError
-from ..models import create_model, resolve
+from ..fileio import atomic_write
+from ..models import EvalConfig, resolve
 from ..weights import save_checkpoint
-from .checkpoint import ResumeError, atomic_write, checkpoints, load_state, prune, rng_state, save_state, \
-    set_rng_state
 from .config import Config, ConfigError
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from .state import ResumeError, checkpoints, load_state, prune, rng_state, save_state, set_rng_state
 from .sampler import EpochSeeded, ShardedBatchSampler
 from .syncbn import convert_sync_batchnorm
 
@@ -83,19 +85,26 @@ def lr_factor(step: int, total: int, warmup: int, scheduler: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def eval_config(cfg: Config) -> EvalConfig:
+    """How the trained model is evaluated: its zoo record's pipeline at ``data.input_size`` (the resize
+    scaled by the same crop fraction). ``best.safetensors`` carries it, so ``hrnet eval`` uses it."""
+    base = resolve(cfg.model.name).eval
+    size = cfg.data.input_size
+    return dataclasses.replace(base, input_size=size, resize_size=math.floor(size / base.crop_pct))
+
+
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset | None]:
-    """The training set with the recipe's augmentation and the validation set with the eval transform
-    of the model's zoo record at ``data.input_size``."""
+    """The training set with the recipe's augmentation and the validation set with the model's
+    evaluation transform (:func:`eval_config`)."""
     if not cfg.data.train:
         raise ConfigError("config: data.train is not set (a folder of images)")
-    record = resolve(cfg.model.name)
-    mean, std = record.eval.mean, record.eval.std
-    train_tf = TrainTransform(cfg.data.input_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip, mean=mean,
-                              std=std)
+    evaluation = eval_config(cfg)
+    train_tf = TrainTransform(cfg.data.input_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+                              mean=evaluation.mean, std=evaluation.std)
     train_set = ImageDataset(cfg.data.train, ann_file=cfg.data.train_ann, transform=train_tf)
     val_set = None
     if cfg.data.val:
-        val_tf = EvalTransform.from_config(record.eval, input_size=cfg.data.input_size)
+        val_tf = EvalTransform.from_config(evaluation)
         val_set = ImageDataset(cfg.data.val, ann_file=cfg.data.val_ann, transform=val_tf)
     return train_set, val_set
 
@@ -133,6 +142,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint,
                              num_classes=self.num_classes, drop_rate=cfg.model.drop_rate)
+        model.eval_cfg = eval_config(cfg)  # what best.safetensors will say about evaluating it
         if cfg.train.sync_bn and self.dist.distributed:
             model = convert_sync_batchnorm(model, self.device)
         model = model.to(self.device)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..data import DatasetError, ImageDataset, shard
-from .distributed import all_gather_objects, all_reduce_sum, init_distributed
+from ..distributed import all_gather_objects, all_reduce_sum, init_distributed
 from .predict import Classifier, PathLike
 
 

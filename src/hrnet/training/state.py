@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import HRNetError
-from ..weights.checkpoint import atomic_write
+from ..fileio import atomic_write
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 

@@ -1,1 +1,0 @@
-"""Evaluation, training and the distributed plumbing they share."""

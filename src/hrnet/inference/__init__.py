@@ -1,0 +1,1 @@
+"""Inference: classify files, evaluate on a labelled folder (also under torchrun), explain with Grad-CAM."""

@@ -1,0 +1,1 @@
+"""Training: typed YAML recipes, the resumable trainer, its sampler, SyncBN and the run plots."""
