@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
+import time
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -30,3 +35,47 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest reference value."""
     return ((got - want).abs().max() / want.abs().max()).item()
+
+
+class Server:
+    """Serves ``files`` (path -> bytes) on 127.0.0.1; paths under /drop/ send half the body, then close.
+
+    ``handlers`` (path -> function of the request handler) answer a path themselves: a misbehaving server.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.handlers: dict[str, Callable[[http.server.BaseHTTPRequestHandler], None]] = {}
+        self.requests: list[str] = []
+        self.delay = 0.0  # seconds between the headers and the body
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests.append(self.path)
+                if self.path in server.handlers:
+                    server.handlers[self.path](self)
+                    self.close_connection = True
+                    return
+                body = server.files.get(self.path.removeprefix("/drop"))
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                time.sleep(server.delay)
+                self.wfile.write(body[: len(body) // 2] if self.path.startswith("/drop/") else body)
+                self.close_connection = True
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import socket
 import threading
 import time
@@ -13,48 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import Server
 from hrnet import create_model
 from hrnet.models import resolve
 from hrnet.weights import ChecksumError, DownloadError, load_weights, save_checkpoint
 from hrnet.weights import download
 
 SMALL = "hrnet-w18-small"
-
-
-class Server:
-    """Serves ``files`` (path -> bytes) on 127.0.0.1; paths under /drop/ send half the body, then close."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[str] = []
-        self.delay = 0.0  # seconds between the headers and the body
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests.append(self.path)
-                body = server.files.get(self.path.removeprefix("/drop"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                time.sleep(server.delay)
-                self.wfile.write(body[: len(body) // 2] if self.path.startswith("/drop/") else body)
-                self.close_connection = True
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

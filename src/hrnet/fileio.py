@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -14,7 +15,11 @@ class WriteError(HRNetError):
     """A file that could not be written (read-only or full disk, missing permission...)."""
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask: from /proc where it is shown, else by setting and restoring it (no getter in POSIX)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -32,7 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~umask())
         os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:

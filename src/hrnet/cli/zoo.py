@@ -6,6 +6,7 @@ import argparse
 
 from ..builder import create_model
 from ..models import MODELS, count_flops, count_params, resolve
+from ..weights.download import UNVERIFIED
 from ._common import add_output_args, add_parser, format_table, print_json
 
 
@@ -70,7 +71,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    d = resolve(args.name).to_dict()
+    record = resolve(args.name)
+    d = record.to_dict()
+    d["download_check"] = (f"SHA-256 prefix {record.sha256_prefix}" if record.sha256_prefix else UNVERIFIED)
     if args.json:
         print_json(d)
         return 0

@@ -2,15 +2,24 @@
 
 The container is recognised from the first bytes, not the file name: safetensors (a length-prefixed
 JSON header), a torch zip, a legacy torch pickle (it starts with torch's pickled magic number), or
-another pickle, which can only be a PaddlePaddle ``.pdparams`` dict of numpy arrays. Torch files go
-through ``torch.load(weights_only=True)``; Paddle pickles through an unpickler that admits numpy's
-array reconstruction and nothing else. There is no fallback to a full unpickler.
+another pickle, which can only be a PaddlePaddle ``.pdparams`` dict of numpy arrays. Only regular
+files are opened (a FIFO would block forever). Before anything is deserialised, :mod:`.preflight`
+bounds the file's structure: pickle op count and nesting depth, and every declared tensor against
+the bytes actually in the file. Torch files then go through ``torch.load(weights_only=True)``, which
+also admits ``argparse.Namespace`` (timm training checkpoints keep their arguments in one) as an
+inert attribute bag; Paddle pickles through an unpickler that admits numpy's array reconstruction
+and nothing else. There is no fallback to a full unpickler. Finally the weights themselves are
+checked (:func:`check_tensors`): non-finite values or integer parameters are refused by name.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import pickle
 import re
+import stat
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, UnsafeCheckpointError
+from .preflight import check_plain_pickle, check_safetensors, check_torch_legacy, check_torch_zip
 
 HUB_WEIGHTS = "model.safetensors"
 HUB_CONFIG = "config.json"
@@ -59,10 +69,25 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
                 "(PaddlePaddle .pdparams) may only hold numpy arrays; nothing in it was executed") from None
 
 
+def check_regular(path: Path, what: str = "checkpoint") -> None:
+    """Refuse at once anything but a regular file (a FIFO would block the reader forever), naming it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such {what} file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket is never read as a {what})")
+
+
 def container(path: Path) -> str:
     """'safetensors', 'torch' (zip or legacy pickle) or 'pickle', from the file's first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(16)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
     if head[8:9] == b"{":  # 8-byte header length, then the JSON header
         return "safetensors"
     if head.startswith(b"PK\x03\x04") or head.startswith(_TORCH_LEGACY_MAGIC):
@@ -74,6 +99,7 @@ def container(path: Path) -> str:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -82,8 +108,12 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_torch(path: Path) -> Any:
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    check_torch_zip(path) if zipped else check_torch_legacy(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # built by __new__ + __dict__ update only
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"WeightsUnpickler error: (.+?)(?: was not| Please|\n|$)", str(e))
         detail = m.group(1).strip() if m else "a disallowed object"
@@ -97,6 +127,7 @@ def _read_torch(path: Path) -> Any:
 
 def _read_pickle(path: Path) -> Any:
     with open(path, "rb") as f:
+        check_plain_pickle(f, os.fstat(f.fileno()).st_size, str(path))
         try:
             return _NumpyOnlyUnpickler(f, path).load()
         except UnsafeCheckpointError:
@@ -105,22 +136,46 @@ def _read_pickle(path: Path) -> Any:
             raise CheckpointError(f"{path}: corrupt or truncated pickle ({type(e).__name__}: {e})") from None
 
 
+def check_tensors(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse weights that would give silently wrong results, naming the tensors: NaN or Inf values,
+    negative BatchNorm running variances, and integer or bool tensors where floats belong (every
+    tensor but BatchNorm's ``num_batches_tracked`` counter)."""
+    bad: list[str] = []
+    for name, t in sd.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        if not (t.is_floating_point() or t.is_complex()):
+            bad.append(f"{name} is {str(t.dtype).removeprefix('torch.')}, not floating point")
+        elif not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):  # the sum: no allocation
+            bad.append(f"{name} holds NaN or Inf")
+        elif name.endswith(("running_var", "_variance")) and bool((t < 0).any()):
+            bad.append(f"{name} holds a negative variance")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointError(f"{path}: refused: {'; '.join(bad[:3])}{more}")
+
+
 def read_file(path: str | Path) -> tuple[Any, dict[str, str]]:
     """The deserialised content of a checkpoint file or hub directory, and its string metadata.
 
     A directory must hold ``model.safetensors`` (its ``config.json`` is for hub tooling; the weights
-    file carries the same metadata). Metadata is empty for pickled formats.
+    file carries the same metadata). Metadata is empty for pickled formats. The state dict inside
+    passed :func:`check_tensors`.
     """
+    from .formats import state_dict_of  # formats builds on models; imported late to keep this module a leaf
+
     path = Path(path)
     if path.is_dir():
         weights = path / HUB_WEIGHTS
-        if not weights.is_file():
+        if not weights.exists():
             raise CheckpointError(f"{path}: a checkpoint directory must contain {HUB_WEIGHTS}")
         path = weights
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    check_regular(path)
     kind = container(path)
     if kind == "safetensors":
-        return _read_safetensors(path)
-    return (_read_torch(path) if kind == "torch" else _read_pickle(path)), {}
+        obj, metadata = _read_safetensors(path)
+    else:
+        obj, metadata = (_read_torch(path) if kind == "torch" else _read_pickle(path)), {}
+    check_tensors(state_dict_of(obj, str(path)), path)
+    return obj, metadata
 
