@@ -6,39 +6,28 @@ learning rate.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import HRNetError
+from ..fileio import atomic_write
+from .rundir import RunLogError, read_jsonl
+
+__all__ = ["RunLogError", "plot_run", "read_log"]
 
 Series = tuple[str, tuple[int, int, int], list[tuple[float, float]]]
 PANEL_W, PANEL_H, MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 720, 230, 70, 20, 28, 32
 
 
-class RunLogError(HRNetError):
-    """A run directory without a readable ``log.jsonl``."""
-
-
 def read_log(run_dir: str | os.PathLike) -> list[dict]:
-    """The JSON records of ``RUN_DIR/log.jsonl`` (or of that file, given directly)."""
+    """The JSON records of ``RUN_DIR/log.jsonl`` (or of that file, given directly); a line torn by a crash
+    at the end is left out."""
     path = Path(run_dir)
     if path.is_dir():
         path = path / "log.jsonl"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        raise RunLogError(f"{path}: no training log here (expected RUN_DIR/log.jsonl)") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise RunLogError(f"{path}:{n}: not a JSON line") from None
+    records = read_jsonl(path)
     if not any(r.get("kind") == "step" for r in records):
         raise RunLogError(f"{path}: no logged training steps yet")
     return records
@@ -94,7 +83,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     blue, orange = (31, 119, 180), (230, 110, 20)
 
     def pts(rows: list[dict], key: str) -> list[tuple[float, float]]:
-        return [(r["step"], r[key]) for r in rows if key in r]
+        return [(r["step"], v) for r in rows if isinstance(v := r.get(key), (int, float)) and math.isfinite(v)]
 
     panels: list[tuple[str, list[Series], bool]] = [
         ("loss (log scale)", [("train", blue, pts(steps, "loss")), ("val", orange, pts(epochs, "val_loss"))], True),
@@ -108,5 +97,5 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         _draw_panel(img, i * PANEL_H, title, [s for s in series if s[2]], x_max, log)
     ImageDraw.Draw(img).text((PANEL_W // 2 - 12, PANEL_H * len(panels)), "step", fill=(0, 0, 0))
     out = Path(out)
-    img.save(out)
+    atomic_write(out, lambda tmp: img.save(tmp, format="PNG"))
     return out

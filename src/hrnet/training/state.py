@@ -8,8 +8,10 @@ complete new one. Everything in it is a tensor or a plain Python value, so it lo
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +28,47 @@ class ResumeError(HRNetError):
     """A training-state checkpoint that is missing, unreadable or from an incompatible run."""
 
 
+REQUIRED = ("model", "optimizer", "scheduler", "scaler", "epoch", "batch_in_epoch", "step", "epoch_sums", "rng",
+            "world_size", "global_batch")
+NOT_STATE = "to start a new run from the weights in a file, pass --checkpoint PATH instead of --resume"
+
+
+def first_nonfinite(tree: Any, prefix: str = "") -> str | None:
+    """The name of the first floating-point tensor in ``tree`` (nested dicts/lists) holding NaN or Inf."""
+    if isinstance(tree, torch.Tensor):
+        return (prefix or "tensor") if tree.is_floating_point() and not torch.isfinite(tree).all() else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        if (name := first_nonfinite(value, f"{prefix}.{key}" if prefix else str(key))) is not None:
+            return name
+    return None
+
+
 def save_state(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` atomically (readable as the umask allows)."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`save_state`, loaded without unpickling arbitrary objects."""
+    """A checkpoint written by :func:`save_state`, loaded without unpickling arbitrary objects.
+
+    Only a regular file is opened (a FIFO would block forever), and the result must hold every part of
+    a training state, so a weights file or a foreign pickle is refused by name.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ResumeError(f"{path}: not a regular file; {NOT_STATE}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ResumeError(f"{path}: no such checkpoint") from None
+    except ResumeError:
+        raise
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ResumeError(f"{path}: not a readable training checkpoint ({type(e).__name__})") from None
+        raise ResumeError(f"{path}: not a readable training checkpoint ({type(e).__name__}); {NOT_STATE}") from None
+    missing = [k for k in REQUIRED if k not in state] if isinstance(state, dict) else list(REQUIRED)
+    if missing:
+        raise ResumeError(f"{path}: not a training checkpoint (no {', '.join(missing[:3])}); {NOT_STATE}")
+    return state
 
 
 def checkpoints(folder: Path) -> list[Path]:

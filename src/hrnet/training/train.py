@@ -3,7 +3,9 @@
 A run directory holds ``config.yaml`` (the resolved config), ``log.jsonl`` (one JSON line per
 logged step and per epoch), ``checkpoints/step-*.pt`` (the last ``keep_last`` training states) and
 ``best.safetensors`` (the best model so far in hrnet's weights format, loadable with
-``create_model(name, checkpoint=...)`` and ``hrnet eval --checkpoint``).
+``create_model(name, checkpoint=...)`` and ``hrnet eval --checkpoint``). :func:`train` locks the
+directory for the run and never overwrites a previous run in it (see :mod:`hrnet.training.rundir`);
+no file is written with a NaN or Inf in it.
 
 Reproducibility rests on :mod:`hrnet.training.sampler`: sample order and crops are functions of
 (seed, epoch, position), and a checkpoint stores every generator's state plus the position in the
@@ -22,7 +24,7 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,9 @@ from ..errors import HRNetError
 from ..fileio import atomic_write
 from ..models import EvalConfig, resolve
 from ..weights import save_checkpoint
-from .config import Config, ConfigError
-from .state import ResumeError, checkpoints, load_state, prune, rng_state, save_state, set_rng_state
+from .config import Config, ConfigError, flatten
+from .rundir import claim_run_dir, read_jsonl, writing
+from .state import ResumeError, checkpoints, first_nonfinite, load_state, prune, rng_state, save_state, set_rng_state
 from .sampler import EpochSeeded, ShardedBatchSampler
 from .syncbn import convert_sync_batchnorm
 
@@ -52,12 +55,25 @@ class NonFiniteLossError(HRNetError):
     """The loss became NaN or infinite; the weights were not updated with it."""
 
 
+class NonFiniteWeightsError(HRNetError):
+    """A weight or optimizer tensor holds NaN or Inf; no checkpoint was written with it."""
+
+
+# Keys a resumed run may change: none alters what the steps already taken compute. Changes are logged.
+RESUMABLE = frozenset({"schedule.epochs", "data.workers", "data.val", "data.val_ann", "data.prepare", "train.device",
+                       "output.dir", "output.log_every", "output.checkpoint_every", "output.keep_last"})
+# Where the initial weights came from: irrelevant once a checkpoint is loaded, so kept as the run began.
+STARTING_POINT = ("model.pretrained", "model.checkpoint")
+
+
 @dataclass(frozen=True)
 class TrainResult:
     run_dir: Path
     steps: int
     best_metric: float | None  # validation top-1 (%) or, without a validation set, training accuracy
     best_weights: Path | None  # hrnet weights file of the best epoch
+    last_metric: float | None = None  # the same metric after the last epoch
+    log: Path | None = None  # the run's log.jsonl
 
 
 class EMA:
@@ -93,11 +109,33 @@ def eval_config(cfg: Config) -> EvalConfig:
     return dataclasses.replace(base, input_size=size, resize_size=math.floor(size / base.crop_pct))
 
 
+def check_device(device: str | None) -> None:
+    """Refuse ``train.device`` values this machine cannot run, before anything is built on them."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device={device}: not a device; use cpu, cuda, cuda:1 ... or leave it unset") \
+            from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={device}: no CUDA GPU is available here; set train.device=cpu or leave "
+                              "it unset")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"train.device={device}: training runs on cpu or cuda")
+
+
 def build_datasets(cfg: Config) -> tuple[Dataset, Dataset | None]:
     """The training set with the recipe's augmentation and the validation set with the model's
     evaluation transform (:func:`eval_config`)."""
     if not cfg.data.train:
         raise ConfigError("config: data.train is not set (a folder of images)")
+    for folder in (cfg.data.train, cfg.data.val):
+        if folder and cfg.data.prepare and not Path(folder).is_dir():
+            raise DatasetError(f"{folder}: data folder not found; run `{cfg.data.prepare}` first")
     evaluation = eval_config(cfg)
     train_tf = TrainTransform(cfg.data.input_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
                               mean=evaluation.mean, std=evaluation.std)
@@ -125,6 +163,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, train_set: Dataset | None = None, val_set: Dataset | None = None,
                  quiet: bool = False):
         self.cfg, self.quiet = cfg, quiet
+        check_device(cfg.train.device)
         self.dist: DistInfo = init_distributed(cfg.train.device)
         self.device = torch.device(self.dist.device)
         if cfg.train.deterministic:
@@ -135,6 +174,11 @@ class Trainer:
             train_set, val_set = build_datasets(cfg)
         self.train_set, self.val_set = train_set, val_set
         self.num_classes = cfg.model.num_classes or len(train_set.classes)  # type: ignore[attr-defined]
+        for key, data in (("data.train", train_set), ("data.val", val_set)):
+            found = len(getattr(data, "classes", None) or ())
+            if found > self.num_classes:
+                raise ConfigError(f"model.num_classes={self.num_classes}, but {key} has {found} classes (labels up "
+                                  f"to {found - 1}); set model.num_classes={found} or null (one per class folder)")
         self.run_dir = Path(cfg.output.dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "log.jsonl"
@@ -177,6 +221,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.epoch_sums = torch.zeros(3, dtype=torch.float64)  # this rank's loss x n, correct, n so far
         self.best_metric: float | None = None
+        self.last_metric: float | None = None
         self.last_checkpoint: Path | None = None
 
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -208,10 +253,20 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
+    def _check_finite(self, tensors: dict[str, Any], path: Path) -> None:
+        """Refuse to write ``path`` if any tensor in ``tensors`` holds NaN or Inf (a diverged run)."""
+        bad = first_nonfinite(tensors)
+        if bad is not None:
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
+                "no checkpoint was written"
+            raise NonFiniteWeightsError(f"{bad} holds NaN/Inf at step {self.step} (epoch {self.epoch}); did not "
+                                        f"write {path}; {where}; lower optim.lr or set train.clip_grad_norm")
+
     def save(self) -> None:
         state = self.state()
+        path = self.ckpt_dir / f"step-{self.step:08d}.pt"
+        self._check_finite({k: state[k] for k in ("model", "optimizer", "ema")}, path)  # same on every rank
         if self.dist.is_main:
-            path = self.ckpt_dir / f"step-{self.step:08d}.pt"
             save_state(state, path)
             prune(self.ckpt_dir, self.cfg.output.keep_last)
             self.last_checkpoint = path
@@ -226,38 +281,71 @@ class Trainer:
             path = found[-1]
         path = Path(path)
         state = load_state(path)
+        changed = self._adopt_config(state.get("config"), path)
         if state.get("global_batch") != self.global_batch or state.get("world_size") != self.dist.world_size:
             raise ResumeError(
                 f"{path}: written by {state.get('world_size')} process(es) with global batch "
                 f"{state.get('global_batch')}; resume with the same (now {self.dist.world_size}, {self.global_batch})")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema:
-            if state["ema"] is None:
-                raise ResumeError(f"{path}: has no EMA weights but train.ema_decay is set")
-            self.ema.module.load_state_dict(state["ema"])
-        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-        self.epoch_sums = state["epoch_sums"][self.dist.rank]
-        self.best_metric = state["best_metric"]
-        set_rng_state(state["rng"][self.dist.rank])
+        if self.ema and state.get("ema") is None:
+            raise ResumeError(f"{path}: has no EMA weights but train.ema_decay is set")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.ema:
+                self.ema.module.load_state_dict(state["ema"])
+            self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+            self.epoch_sums = state["epoch_sums"][self.dist.rank]
+            self.best_metric = state.get("best_metric")
+            set_rng_state(state["rng"][self.dist.rank])
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ResumeError(f"{path}: does not fit this run's model and optimizer ({first}); resume with the "
+                              "config it was written with") from None
         self.last_checkpoint = path
         if self.dist.is_main:
             self._truncate_log()
+            if changed:
+                self._log({"kind": "resume", "epoch": self.epoch, "step": self.step, "checkpoint": str(path),
+                           "changed": {k: list(v) for k, v in changed.items()}})
+                if not self.quiet:
+                    tqdm.write("hrnet: resumed with " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in
+                                                                   changed.items()), file=sys.stderr)
         return path
 
+    def _adopt_config(self, saved: Any, path: Path) -> dict[str, tuple[Any, Any]]:
+        """Compare this run's config with the one ``path`` was trained with. Keys in ``RESUMABLE`` may
+        change (returned as {key: (old, new)}); the starting weights are taken from ``saved``; any other
+        change is a :class:`ResumeError`, since the checkpoint's optimizer and schedule would silently
+        override it."""
+        if not isinstance(saved, dict):
+            return {}
+        old, new = flatten(saved), flatten(self.cfg.to_dict())
+        diff = {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k] and k not in STARTING_POINT}
+        refused = {k: v for k, v in diff.items() if k not in RESUMABLE}
+        if refused:
+            shown = "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in list(refused.items())[:3])
+            raise ResumeError(f"{path}: {shown}; a resumed run keeps the recipe it was trained with (only "
+                              "schedule.epochs, data.workers, data.val, train.device and output.* may change): "
+                              "drop the change or start a new run in another output.dir")
+        m = self.cfg.model
+        start = {k.split(".")[1]: old.get(k, getattr(m, k.split(".")[1])) for k in STARTING_POINT}
+        self.cfg = replace(self.cfg, model=replace(m, **start))
+        return diff
+
     def _truncate_log(self) -> None:
-        """Drop log lines written after the checkpoint, so a resumed run's log has no repeats."""
+        """Drop log lines written after the checkpoint (and a line torn by the crash), so a resumed run's
+        log has no repeats."""
         if not self.log_path.exists():
             return
-        kept = [line for line in self.log_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
-        atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(f"{x}\n" for x in kept)))
+        kept = [r for r in read_jsonl(self.log_path) if r["step"] <= self.step]
+        atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in kept),
+                                                                     encoding="utf-8"))
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
-            with open(self.log_path, "a", encoding="utf-8") as f:
+            with writing(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -271,12 +359,12 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until ``schedule.epochs`` are done; return where the results are."""
         cfg = self.cfg
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if self.dist.is_main:  # what is trained: a resumed run's config with its allowed changes
+            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            atomic_write(self.run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         seeded = EpochSeeded(self.train_set, cfg.train.seed)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=self.quiet or not self.dist.is_main)
+                   disable=self.quiet or not self.dist.is_main or not sys.stderr.isatty())
         try:
             while self.epoch < cfg.schedule.epochs:
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.schedule.epochs}")
@@ -285,7 +373,8 @@ class Trainer:
         finally:
             bar.close()
         best = self.run_dir / "best.safetensors"
-        return TrainResult(self.run_dir, self.step, self.best_metric, best if best.exists() else None)
+        return TrainResult(self.run_dir, self.step, self.best_metric, best if best.exists() else None,
+                           self.last_metric, self.log_path)
 
     def _train_epoch(self, seeded: EpochSeeded, bar: tqdm) -> None:
         cfg = self.cfg
@@ -369,6 +458,7 @@ class Trainer:
         return torch.tensor([loss.item() * n, correct, n], dtype=torch.float64)
 
     def _end_epoch(self) -> None:
+        cfg = self.cfg
         totals = all_reduce_sum(self.epoch_sums.clone())
         n = max(totals[2].item(), 1)
         record: dict[str, Any] = {"kind": "epoch", "epoch": self.epoch + 1, "step": self.step,
@@ -381,6 +471,7 @@ class Trainer:
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_sums.zero_()
+        self.last_metric = metric
         improved = self.best_metric is None or metric > self.best_metric
         if improved:
             self.best_metric = metric
@@ -388,6 +479,11 @@ class Trainer:
         record["best"] = self.best_metric
         self._log(record)
         self.save()
+        if self.dist.is_main and not self.quiet:
+            val = f"  val loss {record['val_loss']:.4f}  val top-1 {record['val_top1']:.2f}%" if "val_top1" in record \
+                else ""
+            tqdm.write(f"epoch {self.epoch}/{cfg.schedule.epochs}: loss {record['loss']:.4f}  accuracy "
+                       f"{record['accuracy']:.2f}%{val}", file=sys.stderr)
 
     def _eval_model(self) -> nn.Module:
         return self.ema.module if self.ema else self.model
@@ -416,16 +512,28 @@ class Trainer:
 
     def _export_best(self) -> None:
         """The model (its EMA if enabled) in hrnet's weights format (written atomically)."""
+        path = self.run_dir / "best.safetensors"
+        self._check_finite({"model": self._eval_model().state_dict()}, path)
         if self.dist.is_main:
             metadata = {"epoch": str(self.epoch), "step": str(self.step), "metric": f"{self.best_metric:.4f}"}
-            save_checkpoint(self._eval_model(), self.run_dir / "best.safetensors", metadata=metadata)
+            save_checkpoint(self._eval_model(), path, metadata=metadata)
 
 
-def train(cfg: Config, *, resume: bool | str | os.PathLike = False, quiet: bool = False,
+def train(cfg: Config, *, resume: bool | str | os.PathLike = False, force: bool = False, quiet: bool = False,
           train_set: Dataset | None = None, val_set: Dataset | None = None) -> TrainResult:
-    """Run the training ``cfg`` describes. ``resume=True`` continues from the newest checkpoint in
-    ``output.dir``; a path continues from that checkpoint."""
-    trainer = Trainer(cfg, train_set=train_set, val_set=val_set, quiet=quiet)
-    if resume:
-        trainer.resume(None if resume is True else resume)
-    return trainer.fit()
+    """Run the training ``cfg`` describes, holding ``output.dir`` locked for the run.
+
+    ``resume=True`` continues from the newest checkpoint in ``output.dir``; a path continues from that
+    checkpoint. Otherwise ``output.dir`` must be empty or new, or with ``force`` hold only a previous
+    run, which is deleted first.
+    """
+    check_device(cfg.train.device)
+    dist = init_distributed(cfg.train.device)
+    claim = claim_run_dir(Path(cfg.output.dir), resume=bool(resume), force=force) if dist.is_main else nullcontext()
+    with claim:
+        if resume:  # the checkpoint brings the weights: do not fetch the starting ones
+            cfg = replace(cfg, model=replace(cfg.model, pretrained=False, checkpoint=None))
+        trainer = Trainer(cfg, train_set=train_set, val_set=val_set, quiet=quiet)
+        if resume:
+            trainer.resume(None if resume is True else resume)
+        return trainer.fit()

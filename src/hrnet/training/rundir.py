@@ -1,0 +1,115 @@
+"""A training run's directory: one run at a time, a previous run never silently overwritten.
+
+``claim_run_dir`` takes an exclusive ``flock`` on ``RUN_DIR/.lock`` for as long as the run lasts
+(the kernel drops it when the process dies, even by SIGKILL, so a stale lock never blocks a
+resume), and refuses a directory that already holds something unless the run resumes or was told
+to start afresh.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import HRNetError
+
+LOCK_NAME = ".lock"
+RUN_FILES = ("config.yaml", "log.jsonl", "checkpoints", "best.safetensors")
+
+
+class RunDirError(HRNetError):
+    """A run directory that is in use, holds a previous run, or cannot be written."""
+
+
+class RunLogError(HRNetError):
+    """A run directory without a readable ``log.jsonl``."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (read-only folder, full disk) into a one-line :class:`RunDirError`."""
+    try:
+        yield
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def _is_run_file(name: str) -> bool:
+    leftover = name.startswith(".") and ".part" in name and name[1:].startswith(RUN_FILES)  # atomic_write's temp
+    return name in RUN_FILES or leftover
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path, *, resume: bool, force: bool = False) -> Iterator[None]:
+    """Hold ``run_dir`` for one run. Without ``resume`` it must be empty, or with ``force`` hold only a
+    previous run's files, which are then deleted."""
+    where = f"output.dir={run_dir}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / LOCK_NAME, "a+", encoding="utf-8")
+    except FileExistsError:
+        raise RunDirError(f"{where}: exists and is not a directory; choose another output.dir") from None
+    except OSError as e:
+        raise RunDirError(f"{where}: cannot write there ({e.strerror}); choose another output.dir") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read(20).strip()
+            raise RunDirError(f"{where}: another training{f' (pid {pid})' if pid.isdigit() else ''} is running "
+                              "in this run directory; wait for it to end or choose another output.dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        held = sorted(n for n in os.listdir(run_dir) if n != LOCK_NAME)
+        if held and not resume:
+            foreign = [n for n in held if not _is_run_file(n)]
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            if foreign:
+                raise RunDirError(f"{where}: is not empty and not a run directory (holds {shown}); choose "
+                                  "another output.dir")
+            if not force:
+                raise RunDirError(f"{where}: holds a previous run ({shown}); pass --resume to continue it, "
+                                  "--force to delete it and start afresh, or choose another output.dir")
+            for name in held:
+                path = run_dir / name
+                with writing(path):
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+        yield
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log, each a mapping with an integer ``step``.
+
+    A last line that does not parse and has no newline after it is what a crash in the middle of an
+    append leaves: it is dropped. Any other bad line is a :class:`RunLogError` naming the line.
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        raise RunLogError(f"{path}: no training log here (expected RUN_DIR/log.jsonl)") from None
+    lines = text.split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # torn by a crash mid-append
+                break
+            raise RunLogError(f"{path}:{n}: not a JSON line") from None
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise RunLogError(f"{path}:{n}: not a log record (a JSON object with an integer 'step')")
+        records.append(record)
+    return records
