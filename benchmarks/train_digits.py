@@ -2,8 +2,9 @@
 
 The 1,797 real 8x8 scans (10 classes) are upscaled and written as a class-per-folder image tree
 (80 % train, 20 % held out, stratified) in a temporary directory, by the function behind
-``hrnet data digits``; ``configs/digits.yaml`` is the recipe. The best checkpoint is reloaded with ``create_model(checkpoint=...)`` and scored on the
-held-out images. The last line prints ``accuracy`` and the seconds taken (data writing excluded).
+``hrnet data digits``; ``configs/digits.yaml`` is the recipe. The best checkpoint is reloaded with
+``create_model(checkpoint=...)`` and scored on the held-out images. The last line prints
+``accuracy`` and the seconds taken (data writing excluded).
 
     python benchmarks/train_digits.py [--set key=value ...]
 """

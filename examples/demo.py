@@ -177,7 +177,8 @@ def main() -> int:
             f"'source {shown(Path(sys.prefix), workdir)}/bin/activate' to type them as shown)\n")
     try:
         photos(workdir, float(os.environ.get("HRNET_DEMO_PROBE_S", "3")))
-        digits(workdir, os.environ.get("HRNET_DEMO_EPOCHS"), os.environ.get("HRNET_DEMO_PER_CLASS"), int(os.environ.get("HRNET_DEMO_IMAGES", "5")),
+        digits(workdir, os.environ.get("HRNET_DEMO_EPOCHS"), os.environ.get("HRNET_DEMO_PER_CLASS"),
+               int(os.environ.get("HRNET_DEMO_IMAGES", "5")),
                os.environ.get("HRNET_DEMO_BENCH_ITERS", "20"))
     except CommandFailed as e:
         print(f"demo: {e}", file=sys.stderr)

@@ -30,5 +30,6 @@ def require(extra: str, purpose: str) -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise MissingExtraError(f"{purpose} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed; "
+        verb = "is" if len(missing) == 1 else "are"
+        raise MissingExtraError(f"{purpose} needs {', '.join(missing)}, which {verb} not installed; "
                                 f"pip install 'hrnet[{extra}]'")
