@@ -1,9 +1,10 @@
 """Train hrnet-w18-small from scratch on scikit-learn's handwritten digits and report held-out accuracy.
 
 The 1,797 real 8x8 scans (10 classes) are upscaled and written as a class-per-folder image tree
-(80 % train, 20 % held out, stratified) in a temporary directory; ``configs/digits.yaml`` is the
-recipe. The best checkpoint is reloaded with ``create_model(checkpoint=...)`` and scored on the
-held-out images. The last line prints ``accuracy`` and the seconds taken (data writing excluded).
+(80 % train, 20 % held out, stratified) in a temporary directory, by the function behind
+``hrnet data digits``; ``configs/digits.yaml`` is the recipe. The best checkpoint is reloaded with
+``create_model(checkpoint=...)`` and scored on the held-out images. The last line prints
+``accuracy`` and the seconds taken (data writing excluded).
 
     python benchmarks/train_digits.py [--set key=value ...]
 """
@@ -16,13 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from sklearn.datasets import load_digits
 
 from hrnet import create_model
-from hrnet.data import ImageDataset, collate, eval_transform
+from hrnet.data import ImageDataset, collate, digits, eval_transform
 from hrnet.training.config import load_config
 from hrnet.training.train import train
 
@@ -31,20 +29,10 @@ RECIPE = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
 def write_digits(root: Path, size: int = 32, held_out: float = 0.2, seed: int = 0,
                  per_class: int | None = None) -> tuple[Path, Path]:
-    """Write the digits as ``root/{train,val}/<digit>/<n>.png`` (grey, ``size`` x ``size``, bilinear
-    upscaling of the 0..16 values to 0..255); ``per_class`` keeps only that many images per digit."""
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    for label in range(10):
-        idx = rng.permutation(np.flatnonzero(digits.target == label))[:per_class]
-        n_val = round(len(idx) * held_out)
-        for split, part in (("val", idx[:n_val]), ("train", idx[n_val:])):
-            folder = root / split / str(label)
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in part:
-                pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
-                Image.fromarray(pixels, "L").resize((size, size), Image.BILINEAR).save(folder / f"{i:04d}.png")
-    return root / "train", root / "val"
+    """``hrnet data digits ROOT --size SIZE --val-fraction HELD_OUT --seed SEED`` (the library function);
+    ``per_class`` keeps only that many images per digit. Kept under this name for the tests and
+    bench_train.py."""
+    return digits.write_digits(root, size=size, val_fraction=held_out, seed=seed, per_class=per_class)
 
 
 @torch.no_grad()

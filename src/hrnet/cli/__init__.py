@@ -1,9 +1,15 @@
-"""The ``hrnet`` command. Every module of this package adds its subcommands through ``register``."""
+"""The ``hrnet`` command. Every module of this package adds its subcommands through ``register``.
+
+Output rule shared by every command: results go to stdout always (also under ``--quiet``); chatter
+(what is about to happen) goes nowhere under ``--quiet``; progress bars go to stderr only when it is
+a terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -14,14 +20,22 @@ EPILOG = """examples:
   hrnet info hrnet_w18_ssld           one record (any alias works)
   hrnet flops hrnet-w48 --input-size 288 288 --json
   hrnet convert HRNet_W18_C_ssld_pretrained.pdparams w18-ssld.safetensors
+  hrnet data digits digits && hrnet train configs/digits.yaml
 
 'hrnet COMMAND --help' explains each command."""
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hrnet", description="HRNet image classifiers: zoo, weights, inference, training, export.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hrnet {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
@@ -29,13 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that arguments the command does not take (``bench --batch-size 1 4``)
+    are reported with the command's own usage line rather than the top-level one."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except HRNetError as e:
         print(f"hrnet: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hrnet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`hrnet list | head`): stop quietly, as a killed writer would, and point
+        # stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -7,7 +7,9 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
+from ..extras import require
 from ._common import add_output_args, add_parser, format_table, print_json
+from .predict import show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..deploy.bench import bench
 
+    if "onnxruntime" in args.backend:  # before minutes of measuring the other backends
+        require("onnx", "hrnet bench --backend onnxruntime")
     results = []
-    for backend in tqdm(args.backend, desc="backends", disable=args.quiet or args.json):
+    for backend in tqdm(args.backend, desc="backends", disable=not show_progress(args)):
         results.append(bench(args.name, backend, checkpoint=args.checkpoint, batch_size=args.batch_size,
                              input_size=tuple(args.input_size), threads=args.threads, iters=args.iters))
     if args.json:

@@ -30,7 +30,19 @@ def cmd_cam(args: argparse.Namespace) -> int:
                        crop_pct=args.crop_pct)
     if args.json:
         print_json(result)
-    elif not args.quiet:
+    else:  # the result: printed under --quiet too
         c = result["class"]
-        print(f"{result['output']}: Grad-CAM of {c['label']} ({c['index']}) on {result['file']}")
+        print(f"{result['output']}: Grad-CAM of {c['label']} ({c['index']}{explained_score(result)}) "
+              f"on {result['file']}")
     return 0
+
+
+def explained_score(result: dict) -> str:
+    """``", 12.3%, rank 7"`` for the explained class: its score and rank from the result's ``class``
+    record when given, else from the top-k list; empty if neither has it."""
+    c = result["class"]
+    if "score" not in c:
+        c = next((t | {"rank": r} for r, t in enumerate(result["topk"], 1) if t["index"] == c["index"]), c)
+    if "score" not in c:
+        return ""
+    return f", {100 * c['score']:.1f}%" + (f", rank {c['rank']}" if "rank" in c else "")

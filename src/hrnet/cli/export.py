@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import HRNetError
+from ..extras import require
 from ._common import add_model_args, add_output_args, add_parser, load_model, print_json
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
@@ -48,9 +50,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise HRNetError(f"{args.output}: cannot tell the format from the extension; pass --format onnx|pt2")
     if args.opset is not None and fmt != "onnx":
         raise HRNetError(f"{args.output}: --opset applies to ONNX only")
+    if fmt == "onnx":
+        require("onnx", "hrnet export to ONNX")
     model = load_model(args)
     if not args.quiet and not args.json:
-        print(f"exporting {args.name} to {args.output} ({fmt}) ...", flush=True)
+        print(f"exporting {args.name} to {args.output} ({fmt}) ...", file=sys.stderr, flush=True)
     options = {"batch": args.batch, "input_size": tuple(args.input_size) if args.input_size else None,
                "check": not args.no_check}
     if fmt == "onnx":
@@ -61,7 +65,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "checked": not args.no_check}
     if args.json:
         print_json(info)
-    elif not args.quiet:
+    else:  # the result: printed under --quiet too
         check = "; logits match eager PyTorch" if info["checked"] else ""
         print(f"wrote {path} ({info['bytes'] / 2**20:.1f} MiB, batch {info['batch']}){check}")
     return 0

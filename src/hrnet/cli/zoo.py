@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from tqdm import tqdm
+
 from ..builder import create_model
 from ..models import MODELS, count_flops, count_params, resolve
 from ..weights.download import UNVERIFIED
 from ._common import add_output_args, add_parser, format_table, print_json
+from .predict import show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +43,11 @@ def _measure(name: str, input_size: tuple[int, int] = (224, 224)) -> tuple[int, 
 
 def cmd_list(args: argparse.Namespace) -> int:
     rows = []
-    for r in MODELS.values():
+    # --measure builds every model (minutes on a CPU): a bar per model, on a terminal only
+    bar = tqdm(list(MODELS.values()), desc="measuring", unit="model", disable=not (args.measure and show_progress(args)),
+               dynamic_ncols=True)
+    for r in bar:
+        bar.set_postfix_str(r.name)
         row = {"name": r.name, "params": r.params, "flops": r.flops, "top1": r.top1, "top5": r.top5,
                "weights": r.filename}
         if args.measure:

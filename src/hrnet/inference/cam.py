@@ -54,7 +54,9 @@ def _jet(v: np.ndarray) -> np.ndarray:
 
 def render(crop: Image.Image, cam: np.ndarray, topk: list[dict], explained: dict, display: int = 320) -> Image.Image:
     """The crop with the heat map over it, and a bar chart of ``topk`` (the ``explained`` class,
-    ``{"index", "label"}``, highlighted)."""
+    ``{"index", "label", "score", "rank"}``, highlighted; added as a last row when outside ``topk``)."""
+    if all(t["index"] != explained["index"] for t in topk):
+        topk = [*topk, explained]
     font = ImageFont.load_default(size=14)
     heat = Image.fromarray(_jet(cam)).resize((display, display), Image.BILINEAR)
     overlay = Image.blend(crop.resize((display, display), Image.BILINEAR), heat, 0.45)
@@ -67,7 +69,7 @@ def render(crop: Image.Image, cam: np.ndarray, topk: list[dict], explained: dict
     row_h, bar_max = (display - pad) // max(1, len(topk)), chart_w - 3 * pad - 60
     for r, t in enumerate(topk):
         x0, y0 = display + pad, title_h + pad + r * row_h
-        draw.text((x0, y0), f"{r + 1}. {t['label'].split(',')[0][:36]}", fill="black", font=font)
+        draw.text((x0, y0), f"{t.get('rank', r + 1)}. {t['label'].split(',')[0][:36]}", fill="black", font=font)
         width = max(1, round(bar_max * t["score"]))
         colour = (214, 39, 40) if t["index"] == explained["index"] else (31, 119, 180)
         draw.rectangle((x0, y0 + 20, x0 + width, y0 + 34), fill=colour)
@@ -80,7 +82,7 @@ def cam_image(model_or_name: torch.nn.Module | str, image: PathLike, output: Pat
               input_size: int | None = None, crop_pct: float | None = None, topk: int = 5) -> dict:
     """Write ``image``'s Grad-CAM picture to ``output`` (PNG, JPEG... by extension).
 
-    Returns ``{"file", "output", "class": {"index", "label"}, "topk": [{"index", "label", "score"}]}``.
+    Returns ``{"file", "output", "class": {"index", "label", "score", "rank"}, "topk": [{"index", "label", "score"}]}``.
     """
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=device, input_size=input_size,
                            crop_pct=crop_pct)
@@ -91,6 +93,7 @@ def cam_image(model_or_name: torch.nn.Module | str, image: PathLike, output: Pat
     cam, probs = grad_cam(clf.model, x, class_index)
     top = topk_records(probs[None].cpu(), clf.labels, topk)[0]
     c = top[0]["index"] if class_index is None else class_index
-    explained = {"index": c, "label": clf.labels[c]}
+    explained = {"index": c, "label": clf.labels[c], "score": float(probs[c]),
+                 "rank": int((probs > probs[c]).sum()) + 1}
     render(crop, cam.cpu().numpy(), top, explained).save(output)
     return {"file": os.fspath(image), "output": os.fspath(output), "class": explained, "topk": top}
