@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data.decode import display_path
 from ._common import add_model_args, add_output_args, add_parser, format_table, print_json
 from .predict import add_inference_args, show_progress
 
@@ -41,12 +42,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not info.is_main:
         return 0
     for s in result["skipped"]:
-        print(f"hrnet: skipped {s['error']}", file=sys.stderr)
+        print(f"hrnet: skipped {display_path(s['error'])}", file=sys.stderr)
     if args.json:
         print_json(result)
         return 0 if result["n"] else 1
     if args.per_class:
-        rows = [[str(c["index"]), c["label"], str(c["n"]), f"{c['top1']:.2f}", f"{c['top5']:.2f}"]
+        rows = [[str(c["index"]), display_path(c["label"]), str(c["n"]), f"{c['top1']:.2f}", f"{c['top5']:.2f}"]
                 for c in result["per_class"]]
         print(format_table(rows, ["index", "class", "images", "top-1", "top-5"]))
     if not result["n"]:
