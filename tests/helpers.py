@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import http.server
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -79,3 +84,23 @@ class Server:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def run_limited(code: str, *args: str, extra_bytes: int = 1 << 30, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``code`` (with ``sys.argv[1:] == args``) in a fresh interpreter that has imported torch and
+    hrnet, its address space capped at what those imports took plus ``extra_bytes``.
+
+    A memory regression then fails as a MemoryError in the child instead of taking the machine down,
+    and a hang raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds (the child is killed).
+    """
+    prelude = textwrap.dedent(f"""
+        import resource, sys, torch, hrnet
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + {extra_bytes}, vm + {extra_bytes}))
+    """)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)

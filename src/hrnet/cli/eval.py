@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data.decode import display_path
 from ._common import add_model_args, add_output_args, add_parser, format_table, print_json
 from .predict import add_inference_args, show_progress
 
@@ -21,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "that --ann-file paths are relative to")
     p.add_argument("--ann-file", metavar="FILE", help="lines of 'relative/path label' (mmcls format)")
     p.add_argument("--per-class", action="store_true", help="also report each class's accuracy")
+    p.add_argument("--exclude-unknown", action="store_true",
+                   help="skip non-wnid folders (lost+found, backups...) of an ImageNet tree instead of refusing it")
     add_inference_args(p, batch_size=32)
     add_output_args(p)
     p.set_defaults(func=cmd_eval)
@@ -35,18 +38,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(args.name, args.data, ann_file=args.ann_file, checkpoint=args.checkpoint,
                           batch_size=args.batch_size, workers=args.workers, device=args.device,
                           input_size=args.input_size, crop_pct=args.crop_pct, per_class=args.per_class,
-                          strict=args.strict, progress=show_progress(args), backend=args.backend)
+                          strict=args.strict, progress=show_progress(args), backend=args.backend,
+                          exclude_unknown=args.exclude_unknown)
     finally:
         cleanup()
     if not info.is_main:
         return 0
     for s in result["skipped"]:
-        print(f"hrnet: skipped {s['error']}", file=sys.stderr)
+        print(f"hrnet: skipped {display_path(s['error'])}", file=sys.stderr)
     if args.json:
         print_json(result)
         return 0 if result["n"] else 1
     if args.per_class:
-        rows = [[str(c["index"]), c["label"], str(c["n"]), f"{c['top1']:.2f}", f"{c['top5']:.2f}"]
+        rows = [[str(c["index"]), display_path(c["label"]), str(c["n"]), f"{c['top1']:.2f}", f"{c['top5']:.2f}"]
                 for c in result["per_class"]]
         print(format_table(rows, ["index", "class", "images", "top-1", "top-5"]))
     if not result["n"]:

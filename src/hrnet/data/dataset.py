@@ -9,12 +9,17 @@ Three layouts (:class:`ImageDataset` tells the first two apart by the folder nam
 
 An item is :class:`Sample` ``(image, label, index)``, or :class:`Failed` ``(index, file, error)`` when
 the file cannot be decoded; :func:`collate` drops the failures from the batch and reports them.
+
+Careless or hostile trees are refused rather than mislabelled: a mostly-wnid folder with stray
+folders, symlink loops (each real folder is walked once, each real file counted once), annotation
+files that are not regular files, too large, or hold a label of :data:`MAX_CLASSES` or more.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,11 +27,19 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import HRNetError
-from .decode import ImageReadError, load_image
+from .decode import ImageReadError, display_path, load_image, open_regular
 from .imagenet import imagenet_wnids
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                               ".pgm", ".pbm", ".pnm", ".jfif", ".jpe", ".ico"})
+#: Annotation labels must be below this. Per-class tables are sized by the largest label, so one
+#: absurd label (``10000000000``) would allocate gigabytes; ImageNet-21k has 21,841 classes.
+MAX_CLASSES = 1_000_000
+#: An annotation file is refused above this size or line count (ImageNet-21k: 14.2M images, ~0.5 GB).
+MAX_ANN_BYTES = 1 << 30
+MAX_ANN_LINES = 20_000_000
+MAX_ANN_LINE = 8192  # bytes: a path (PATH_MAX is 4096) and a label
+_LABEL = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also accepts '²', which int() rejects
 
 
 class DatasetError(HRNetError):
@@ -59,28 +72,94 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _dir_key(path: str) -> tuple[int, int] | None:
+    """The identity of the directory ``path`` leads to (after symlinks), or None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _scan(top: str, visited: set[tuple[int, int] | None], hops: int = 0) -> Iterator[tuple[str, str, int]]:
+    """``(path, real path, symlinks followed to reach it)`` of each image file under ``top``.
+
+    Symlinks are followed, but a directory whose ``(st_dev, st_ino)`` is in ``visited`` is not entered
+    and every directory entered is added to it: a link loop (``self -> .``) ends, and each real
+    directory is read once. Hidden files and folders are skipped, and so are unreadable folders.
+    """
+    stack = [(top, os.path.realpath(top), hops)]
+    while stack:
+        folder, real, hops = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                link, is_dir = e.is_symlink(), e.is_dir()
+            except OSError:
+                continue
+            target = os.path.realpath(e.path) if link else os.path.join(real, e.name)
+            if is_dir:
+                key = _dir_key(e.path)
+                if key is not None and key not in visited:
+                    visited.add(key)
+                    subdirs.append((e.path, target, hops + link))
+            elif is_image_file(e.name):
+                yield e.path, target, hops + link
+        stack.extend(reversed(subdirs))
+
+
+def _once_each(found: Iterable[tuple[str, str, int, int]]) -> list[tuple[str, int]]:
+    """``(path, label)`` once per real file: the path reached through the fewest symlinks (the first
+    of those), so a file and a link to it count once, under the file's own folder."""
+    chosen: dict[str, tuple[str, int, int]] = {}
+    for path, real, hops, label in found:
+        if real not in chosen or hops < chosen[real][1]:
+            chosen[real] = (path, hops, label)
+    return [(path, label) for path, _, label in chosen.values()]
+
+
 def find_images(root: str | os.PathLike) -> list[str]:
-    """Every image file under ``root`` (recursively, following symlinks), sorted."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
-    return sorted(out)
+    """Every image file under ``root`` (recursively, following symlinks, each real file once), sorted."""
+    root = os.fspath(root)
+    found = ((*entry, -1) for entry in _scan(root, {_dir_key(root)}))
+    return sorted(path for path, _ in _once_each(found))
 
 
 def _read_ann_file(root: Path, ann_file: Path) -> list[tuple[str, int]]:
-    if not ann_file.is_file():
-        raise DatasetError(f"{ann_file}: annotation file not found")
-    samples = []
-    for n, line in enumerate(ann_file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.rsplit(maxsplit=1)  # file names may contain spaces; the label is the last field
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
-            raise DatasetError(f"{ann_file}:{n}: expected 'relative/path label', got {line.strip()!r}")
-        samples.append((str(root / parts[0]), int(parts[1])))
+    """The ``relative/path label`` lines of ``ann_file``, bounded before and while reading."""
+    name = display_path(ann_file)
+    with open_regular(ann_file, DatasetError) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_ANN_BYTES:
+            raise DatasetError(f"{name}: {size} bytes is larger than an annotation file can be "
+                               f"({MAX_ANN_BYTES >> 20} MB)")
+        samples = []
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_ANN_LINE + 1), b""), 1):
+            if len(raw) > MAX_ANN_LINE and not raw.endswith(b"\n"):
+                raise DatasetError(f"{name}:{n}: line longer than {MAX_ANN_LINE} bytes")
+            if n > MAX_ANN_LINES:
+                raise DatasetError(f"{name}: more than {MAX_ANN_LINES} lines")
+            line = raw.decode("utf-8", "surrogateescape").strip()  # paths keep their bytes, as os.fsdecode does
+            if not line:
+                continue
+            parts = line.rsplit(maxsplit=1)  # file names may contain spaces; the label is the last field
+            if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
+                raise DatasetError(f"{name}:{n}: expected 'relative/path label' with a label 0, 1, 2..., "
+                                   f"got {display_path(line[:200])!r}")
+            digits = parts[1].lstrip("0") or "0"  # int() refuses more than 4300 digits
+            if len(digits) > 9 or int(digits) >= MAX_CLASSES:
+                raise DatasetError(f"{name}:{n}: label {parts[1][:30]} is not below {MAX_CLASSES}; "
+                                   "labels are class indices 0, 1, 2...")
+            samples.append((os.path.join(root, parts[0]), int(digits)))
     if not samples:
-        raise DatasetError(f"{ann_file}: no 'relative/path label' lines")
+        raise DatasetError(f"{name}: no 'relative/path label' lines")
     return samples
 
 
@@ -90,28 +169,51 @@ class ImageDataset(Dataset):
     ``transform`` is any callable on a PIL RGB image (the eval transform, or a training augmentation).
     A file that cannot be decoded yields a :class:`Failed` record, or raises ``ImageReadError`` when
     ``strict``. ``layout`` is ``"imagenet"``, ``"folders"`` or ``"annotations"``.
+
+    Hidden files and folders are ignored. When at least half of the class folders are ImageNet wnids
+    and some are not (``lost+found``, ``backup``), the folder is refused with the odd names listed,
+    since treating it as class folders would shift every label; ``exclude_unknown=True`` evaluates the
+    wnid folders and lists the others in :attr:`excluded`. Symlinks are followed, each real folder and
+    each real file is counted once.
     """
 
     def __init__(self, root: str | os.PathLike, *, ann_file: str | os.PathLike | None = None,
-                 transform: Callable | None = None, strict: bool = False):
+                 transform: Callable | None = None, strict: bool = False, exclude_unknown: bool = False):
         self.root, self.transform, self.strict = Path(root), transform, strict
+        self.excluded: list[str] = []
+        name = display_path(self.root)
         if not self.root.is_dir():
-            raise DatasetError(f"{self.root}: data folder not found")
+            raise DatasetError(f"{name}: data folder not found")
         if ann_file is not None:
             self.samples = _read_ann_file(self.root, Path(ann_file))
             self.classes = [str(i) for i in range(max(label for _, label in self.samples) + 1)]
             self.layout = "annotations"
             return
-        folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        try:
+            with os.scandir(self.root) as it:
+                folders = sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+        except OSError as e:
+            raise DatasetError(f"{name}: cannot read the data folder ({e.strerror or e})") from None
         wnids = imagenet_wnids()
-        if folders and set(folders) <= set(wnids):
-            self.classes, self.layout = list(wnids), "imagenet"
+        wnid_set = set(wnids)
+        known, odd = [f for f in folders if f in wnid_set], [f for f in folders if f not in wnid_set]
+        if known and odd and not exclude_unknown and len(known) >= len(odd):
+            shown = ", ".join(display_path(f) for f in odd[:10]) + (f" and {len(odd) - 10} more" * (len(odd) > 10))
+            raise DatasetError(f"{name}: {len(known)} folders are ImageNet wnids and {len(odd)} are not: {shown}; "
+                               "move them away or exclude them (hrnet eval --exclude-unknown, "
+                               "ImageDataset(exclude_unknown=True))")
+        if known and (not odd or exclude_unknown):
+            self.classes, self.layout, self.excluded = list(wnids), "imagenet", odd
         else:
             self.classes, self.layout = folders, "folders"
         index = {c: i for i, c in enumerate(self.classes)}
-        self.samples = [(f, index[c]) for c in folders for f in find_images(self.root / c)]
+        tops = [str(self.root / c) for c in folders]
+        visited = {_dir_key(p) for p in [str(self.root), *tops]}  # a link into another class is not followed
+        found = ((*entry, index[c]) for c, top in zip(folders, tops) if c in index
+                 for entry in _scan(top, visited, int(os.path.islink(top))))
+        self.samples = sorted(_once_each(found), key=lambda s: (s[1], s[0]))
         if not self.samples:
-            raise DatasetError(f"{self.root}: no images in class folders (expected ROOT/CLASS/IMAGE; "
+            raise DatasetError(f"{name}: no images in class folders (expected ROOT/CLASS/IMAGE; "
                                "or pass an annotation file)")
 
     def __len__(self) -> int:

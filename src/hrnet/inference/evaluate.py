@@ -21,18 +21,19 @@ def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLi
              checkpoint: PathLike | None = None, batch_size: int = 32, workers: int | None = None,
              device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
              per_class: bool = False, strict: bool = False, progress: bool = False,
-             backend: str = "eager") -> dict:
+             backend: str = "eager", exclude_unknown: bool = False) -> dict:
     """Evaluate on ``data`` (ImageNet wnid folders, class folders, or ``ann_file`` lines).
 
     Returns ``{"top1", "top5", "n", "skipped": [{"file", "error"}], "images_per_s"}`` with accuracies in
     percent over the ``n`` images evaluated, plus ``"per_class": [{"index", "label", "n", "top1",
     "top5"}]`` (classes present in the data) when ``per_class``. Joins the torchrun job if there is one.
-    ``backend`` is one of :data:`hrnet.deploy.BACKENDS`.
+    ``backend`` is one of :data:`hrnet.deploy.BACKENDS`. ``exclude_unknown`` evaluates only the wnid
+    folders of an ImageNet tree that also holds others (listed under ``"excluded"``) instead of refusing it.
     """
     info = init_distributed(device)
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=info.device, input_size=input_size,
                            crop_pct=crop_pct, backend=backend, progress=progress and info.is_main)
-    dataset = ImageDataset(data, ann_file=ann_file, transform=clf.transform)
+    dataset = ImageDataset(data, ann_file=ann_file, transform=clf.transform, exclude_unknown=exclude_unknown)
     num_classes = len(clf.labels)
     top_label = max(label for _, label in dataset.samples)
     if top_label >= num_classes:
@@ -58,6 +59,8 @@ def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLi
     n, top1, topk = counts.sum(0).tolist()
     result = {"top1": 100.0 * top1 / n if n else 0.0, "top5": 100.0 * topk / n if n else 0.0, "n": n,
               "skipped": skipped, "images_per_s": n / elapsed if elapsed > 0 else 0.0}
+    if dataset.excluded:
+        result["excluded"] = dataset.excluded
     if per_class:
         names = dataset.classes if dataset.layout == "folders" else clf.labels
         result["per_class"] = [{"index": c, "label": names[c], "n": cn, "top1": 100.0 * c1 / cn,
