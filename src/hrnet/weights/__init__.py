@@ -4,8 +4,10 @@ from .checkpoint import load_checkpoint, load_weights, local_path, save_checkpoi
 from .download import cache_dir, fetch
 from .errors import ChecksumError, CheckpointError, DownloadError, KeyMismatchError, UnsafeCheckpointError
 from .formats import LAYOUTS
+from .writers import WRITABLE, to_layout, write_checkpoint
 
 __all__ = [
     "load_checkpoint", "load_weights", "local_path", "save_checkpoint", "cache_dir", "fetch", "ChecksumError", "CheckpointError",
     "DownloadError", "KeyMismatchError", "UnsafeCheckpointError", "LAYOUTS",
+    "WRITABLE", "to_layout", "write_checkpoint",
 ]
