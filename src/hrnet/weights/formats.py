@@ -82,15 +82,29 @@ def _fold_head_biases(sd: StateDict) -> StateDict:
     return sd
 
 
-_MMCLS_RULES = [
-    (r"^backbone\.", ""),
-    (r"^neck\.0\.increase_layers\.", "incre_modules."),
-    (r"^neck\.0\.downsample_layers\.(\d+)\.conv\.", r"downsamp_modules.\1.0."),
-    (r"^neck\.0\.downsample_layers\.(\d+)\.bn\.", r"downsamp_modules.\1.1."),
-    (r"^neck\.0\.final_layer\.conv\.", "final_layer.0."),
-    (r"^neck\.0\.final_layer\.bn\.", "final_layer.1."),
-    (r"^head\.fc\.", "classifier."),
-]
+# mmcls prefix -> hrnet prefix, "{i}" a branch index: read by convert(), written back by writers.to_layout().
+MMCLS_PREFIXES = (
+    ("backbone.", ""),
+    ("neck.0.increase_layers.", "incre_modules."),
+    ("neck.0.downsample_layers.{i}.conv.", "downsamp_modules.{i}.0."),
+    ("neck.0.downsample_layers.{i}.bn.", "downsamp_modules.{i}.1."),
+    ("neck.0.final_layer.conv.", "final_layer.0."),
+    ("neck.0.final_layer.bn.", "final_layer.1."),
+    ("head.fc.", "classifier."),
+)
+
+
+def prefix_rules(pairs: tuple[tuple[str, str], ...], *, inverse: bool = False) -> list[tuple[str, str]]:
+    """:func:`_rename` rules turning each pair's first prefix into its second (``inverse``: second into
+    first); one table serves both directions. An empty prefix matches every key, so its rule goes last."""
+    rules = []
+    for src, dst in ((d, s) for s, d in pairs) if inverse else pairs:
+        pattern = "^" + r"(\d+)".join(map(re.escape, src.split("{i}")))
+        rules.append((pattern, dst.replace("{i}", r"\1")))
+    return sorted(rules, key=lambda rule: rule[0] == "^")
+
+
+_MMCLS_RULES = prefix_rules(MMCLS_PREFIXES)
 
 
 def _rename(key: str, rules: list[tuple[str, str]]) -> str:
