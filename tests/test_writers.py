@@ -20,7 +20,7 @@ from test_weights import assert_logits_close, logits, to_mmcls, to_paddle
 from torch import nn
 
 import hrnet
-from hrnet.models import create_model
+from hrnet import create_model
 from hrnet.weights import KeyMismatchError, load_checkpoint, save_checkpoint
 from hrnet.weights import to_layout, write_checkpoint
 
@@ -185,6 +185,26 @@ def test_bad_requests_are_refused_with_one_line_errors(tmp_path):
     with pytest.raises(KeyMismatchError, match="match no HRNet architecture"):
         write_checkpoint({"conv1.weight": torch.zeros(1)}, tmp_path / "a.pth", format="timm")
     partial = {k: v for k, v in sd.items() if not k.startswith(("downsamp_modules.", "final_layer."))}
-    with pytest.raises(KeyMismatchError, match="keeps the classification head whole .* only incre_modules, classifier"):
+    with pytest.raises(KeyMismatchError, match="head must be whole or cut after one of its parts; this one has only incre_modules, classifier"):
         write_checkpoint(partial, tmp_path / "a.safetensors", arch="w18-small")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_command_writes_what_timm_and_a_backbone_load(tmp_path, sources, capsys):
+    from hrnet.cli import main
+
+    out = tmp_path / "for-timm.pth"
+    assert main(["convert", str(sources["paddle"]), str(out), "--to", "timm", "--json", "-q"]) == 0
+    assert '"format": "timm"' in capsys.readouterr().out
+    reference = timm.create_model("hrnet_w18_small", pretrained=False, num_classes=5).eval()
+    reference.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    model = create_model(SMALL, checkpoint=sources["paddle"]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(reference(x), model(x), rtol=1e-5, atol=1e-5)
+    backbone = tmp_path / "backbone.pth"
+    assert main(["convert", str(sources["paddle"]), str(backbone), "--to", "official", "--backbone-only"]) == 0
+    trunk = timm.create_model("hrnet_w18_small", pretrained=False, features_only=True, feature_location="")
+    trunk.load_state_dict(torch.load(backbone, weights_only=True), strict=True)
+    assert main(["convert", str(sources["paddle"]), str(tmp_path / "hub"), "--to", "timm", "--hub"]) == 1
+    assert "hub directory holds hrnet's format only" in capsys.readouterr().err

@@ -10,3 +10,7 @@ class UnknownModelError(HRNetError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class UsageError(HRNetError, ValueError):
+    """Options that contradict each other, or a value out of its range."""

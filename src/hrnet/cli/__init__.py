@@ -1,5 +1,8 @@
 """The ``hrnet`` command. Every module of this package adds its subcommands through ``register``.
 
+A user's mistake or the machine's state (a full disk, a missing permission) ends in one line on
+stderr and exit code 1; ``HRNET_DEBUG=1`` shows the traceback instead.
+
 Output rule shared by every command: results go to stdout always (also under ``--quiet``); chatter
 (what is about to happen) goes nowhere under ``--quiet``; progress bars go to stderr only when it is
 a terminal.
@@ -53,14 +56,23 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, HRNetError) and e.strerror:
+        where = f"{os.fsdecode(e.filename)}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    return str(e).replace("\n", " ")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     try:
         code = args.func(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
-    except HRNetError as e:
-        print(f"hrnet: error: {e}", file=sys.stderr)
+    except (HRNetError, OSError) as e:  # a user's mistake or the machine's state: one line, no traceback
+        if os.environ.get("HRNET_DEBUG"):
+            raise
+        print(f"hrnet: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("hrnet: interrupted", file=sys.stderr)

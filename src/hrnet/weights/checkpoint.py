@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import UsageError
 from ..fileio import atomic_write
 from ..models.arch import ARCHS, Arch
 from ..models.zoo import EvalConfig, ModelRecord, models_of, resolve
@@ -137,15 +138,22 @@ def load_into(model: nn.Module, sd: StateDict, path: Path) -> None:
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None,
-                    hub: bool = False) -> Path:
+                    hub: bool = False, format: str = "hrnet", backbone_only: bool = False) -> Path:
     """Write ``model``'s weights in hrnet's format (atomically) and return the weights file's path.
 
     The file records the architecture, class count, zoo name and the model's evaluation settings
     (``model.eval_cfg``), so loading it evaluates the model as it was meant to be (a network
     fine-tuned at 32x32 is evaluated at 32x32). ``metadata`` adds string entries (e.g.
     ``source_sha256``). ``hub=True`` makes ``path`` a directory with ``model.safetensors`` and
-    ``config.json``.
+    ``config.json``. ``format`` ``official``, ``timm`` or ``mmcls`` (and ``backbone_only``) write the
+    layout another library loads instead (see :func:`hrnet.weights.writers.write_checkpoint`).
     """
+    if format != "hrnet" or backbone_only:
+        if hub:
+            raise UsageError("hub=True writes hrnet's format only")
+        from .writers import write_checkpoint
+
+        return write_checkpoint(model, path, format=format, backbone_only=backbone_only, metadata=metadata)
     if not hasattr(model, "arch"):
         raise TypeError(f"save_checkpoint needs an hrnet model (with .arch), got {type(model).__name__}")
     cfg = getattr(model, "pretrained_cfg", None)
@@ -179,15 +187,24 @@ def save_state_dict(sd: StateDict, arch: Arch, path: str | os.PathLike, *, num_c
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, model: str | None = None,
-                       layout: str = "auto", hub: bool = False, progress: bool = True) -> dict:
-    """Convert any supported checkpoint (file, hub directory or URL) to hrnet's format at ``dst``.
+                       layout: str = "auto", to: str = "hrnet", backbone_only: bool = False, hub: bool = False,
+                       progress: bool = True) -> dict:
+    """Convert any supported checkpoint (file, hub directory or URL) to ``to``'s layout at ``dst``.
 
-    ``model`` names the zoo model the weights belong to (default: the one the file names, else the
-    first zoo model of the architecture found in it); its record's evaluation settings are written
-    unless the source carries its own. Returns what was written: ``{"dst", "model", "arch",
-    "num_classes", "source_format", "source_sha256"}``.
+    ``to="hrnet"`` writes hrnet's format; ``official``, ``timm`` and ``mmcls`` the files those
+    libraries (and mmsegmentation, mmdetection, mmpose) load; ``backbone_only`` drops the
+    classification head. ``model`` names the zoo model the weights belong to (default: the one the
+    file names, else the first zoo model of the architecture found in it); its record's evaluation
+    settings are written unless the source carries its own. Returns what was written: ``{"dst",
+    "format", "backbone_only", "model", "arch", "num_classes", "source_format", "source_sha256"}``.
     """
     from .download import file_sha256
+    from .writers import WRITABLE, write_checkpoint
+
+    if to not in WRITABLE:
+        raise UsageError(f"unknown target layout {to!r}; one of {', '.join(WRITABLE)}")
+    if hub and (to != "hrnet" or backbone_only):
+        raise UsageError("a hub directory holds hrnet's format only (drop --hub, or --to/--backbone-only)")
 
     path = local_path(src, progress=progress)
     sd, meta = load_checkpoint(path, layout=layout)
@@ -198,8 +215,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, model:
     sha = file_sha256(path / HUB_WEIGHTS if path.is_dir() else path)
     source = str(src) if is_url(src) else Path(src).name
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    out = save_state_dict(sd, arch, dst, num_classes=int(meta["num_classes"]), model=record.name,
-                          eval_cfg=eval_config_of(meta, path) or record.eval, hub=hub,
-                          metadata={"source": source, "source_format": meta["format"], "source_sha256": sha})
-    return {"dst": str(out), "model": record.name, "arch": arch.name, "num_classes": int(meta["num_classes"]),
-            "source_format": meta["format"], "source_sha256": sha}
+    provenance = {"source": source, "source_format": meta["format"], "source_sha256": sha}
+    if to == "hrnet" and not backbone_only:
+        out = save_state_dict(sd, arch, dst, num_classes=int(meta["num_classes"]), model=record.name,
+                              eval_cfg=eval_config_of(meta, path) or record.eval, hub=hub, metadata=provenance)
+    else:
+        out = write_checkpoint(sd, dst, format=to, arch=arch, backbone_only=backbone_only,
+                               metadata=provenance if to in ("hrnet", "mmcls") else None)
+    return {"dst": str(out), "format": to, "backbone_only": backbone_only, "model": record.name, "arch": arch.name,
+            "num_classes": 0 if backbone_only else int(meta["num_classes"]), "source_format": meta["format"],
+            "source_sha256": sha}

@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fileio import atomic_write
 from ..models.arch import ARCHS, Arch
-from ..models.hrnet import HRNet
-from .checkpoint import RESERVED, atomic_write, save_checkpoint
+from ..models.zoo import EvalConfig
+from .checkpoint import RESERVED, save_checkpoint, save_state_dict
 from .errors import KeyMismatchError
 from .formats import (FOLDED_BIAS, HEAD_GROUPS, MMCLS_PREFIXES, StateDict, _rename, check, convert, infer_arch,
                       prefix_rules)
@@ -87,20 +88,22 @@ def write_checkpoint(sd_or_model: StateDict | nn.Module, path: str | os.PathLike
     extra = dict(metadata or {})
     if extra and format in ("official", "timm"):
         raise ValueError(f"an {format} checkpoint is a bare state dict with no room for metadata; got {sorted(extra)}")
+    _check_head(sd)
+    cfg = getattr(model, "pretrained_cfg", None)
     if format == "hrnet":
-        if model is None or backbone_only:
-            holder = _holder(to_layout(sd, arch, "hrnet", backbone_only=backbone_only), arch)
-            holder.pretrained_cfg = getattr(model, "pretrained_cfg", None)
-            model = holder
-        return save_checkpoint(model, target, metadata=metadata)
+        if model is not None and not backbone_only:
+            return save_checkpoint(model, target, metadata=metadata)
+        out = to_layout(sd, arch, "hrnet", backbone_only=backbone_only)
+        classes = out["classifier.weight"].shape[0] if "classifier.weight" in out else 0
+        return save_state_dict(out, arch, target, num_classes=classes, model=cfg.name if cfg is not None else None,
+                               eval_cfg=getattr(model, "eval_cfg", EvalConfig()), metadata=metadata)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise TypeError("metadata keys and values must be strings")
-    clash = [k for k in extra if k in (*RESERVED, "model")]
+    clash = [k for k in extra if k in RESERVED]
     if clash:
         raise ValueError(f"metadata keys {clash} are written by hrnet itself")
     content = to_layout(sd, arch, format, backbone_only=backbone_only)
     if format == "mmcls":
-        cfg = getattr(model, "pretrained_cfg", None)
         content["meta"].update({**({"model": cfg.name} if cfg is not None else {}), **extra})
     atomic_write(target, lambda tmp: torch.save(content, tmp))
     return target
@@ -150,17 +153,11 @@ def _with_head_biases(sd: StateDict) -> StateDict:
     return out
 
 
-def _holder(sd: StateDict, arch: Arch) -> nn.Module:
-    """An hrnet model (on the meta device, then adopting ``sd``'s tensors) for save_checkpoint to write."""
-    groups = {i for i, prefixes in enumerate(HEAD_GROUPS) if any(k.startswith(prefixes) for k in sd)}
-    heads = {frozenset(): "", frozenset({0}): "incre", frozenset({0, 1}): "classification",
-             frozenset({0, 1, 2}): "classification"}
-    if frozenset(groups) not in heads:
-        present = ", ".join(HEAD_GROUPS[i][0].rstrip(".") for i in sorted(groups))
-        raise KeyMismatchError(f"state dict: hrnet's format keeps the classification head whole or from its start; "
-                               f"this one has only {present}")
-    classes = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else 0
-    with torch.device("meta"):
-        model = HRNet(arch, num_classes=classes, head=heads[frozenset(groups)])  # type: ignore[arg-type]
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model
+def _check_head(sd: StateDict) -> None:
+    """The classification head is whole, or cut after one of its parts (incre; downsampling and final
+    layer; classifier), as a feature extractor's or backbone's weights are; never missing a middle part."""
+    groups = [any(k.startswith(prefixes) for k in sd) for prefixes in HEAD_GROUPS]
+    if groups not in ([False] * 3, [True, False, False], [True, True, False], [True, True, True]):
+        present = ", ".join(HEAD_GROUPS[i][0].rstrip(".") for i, g in enumerate(groups) if g)
+        raise KeyMismatchError(f"state dict: the classification head must be whole or cut after one of its "
+                               f"parts; this one has only {present}")
