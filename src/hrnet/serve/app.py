@@ -267,13 +267,13 @@ def _json(obj: dict) -> Callable[[Request], Awaitable[Response]]:
 def create_app(model: Classifier | nn.Module | str, *, name: str | None = None, config: ServeConfig | None = None,
                **build) -> Starlette:
     """The serving app for ``model``: a :class:`~hrnet.engine.predict.Classifier`, or a model object or
-    zoo name passed to ``Classifier.build(model, **build)`` (``checkpoint``, ``backend``,
+    zoo name built by :func:`build_classifier` (``checkpoint``, ``backend`` (default onnxruntime),
     ``input_size``...). ``name`` is the v2 model name (default: the zoo record's name).
 
     Mount it in your own Starlette/FastAPI app (``app.mount("/hrnet", create_app(...))``) or run it
     with uvicorn. The batcher starts with the first request, so mounting needs no lifespan hook.
     """
-    clf = model if isinstance(model, Classifier) else Classifier.build(model, **build)
+    clf = model if isinstance(model, Classifier) else build_classifier(model, **build)
     record = getattr(clf.model, "pretrained_cfg", None)
     server = Server(clf, name or (record.name if record is not None else "hrnet"), config or ServeConfig())
 
@@ -311,17 +311,17 @@ def app_from_env() -> Starlette:
     ``hrnet serve --workers N`` process imports (uvicorn's workers need an import string)."""
     spec = json.loads(os.environ[ENV_VAR])
     config = ServeConfig(**spec.pop("config"))
-    threads = spec.pop("threads", None)
-    return create_app(build_classifier(**spec, threads=threads), config=config)
+    return create_app(build_classifier(spec.pop("name"), **spec), config=config)
 
 
-def build_classifier(name: str, *, backend: str = "onnxruntime", threads: int | None = None, **build) -> Classifier:
+def build_classifier(model: nn.Module | str, *, backend: str = "onnxruntime", threads: int | None = None,
+                     **build) -> Classifier:
     """``Classifier.build`` with the runner's thread count set (``--workers`` share the cores)."""
     from ..deploy import make_runner
 
     if threads:
         torch.set_num_threads(threads)
-    clf = Classifier.build(name, backend="eager", **build)
+    clf = Classifier.build(model, backend="eager", **build)
     if backend != "eager":
         size = clf.transform.input_size
         clf.runner = make_runner(clf.model, backend, input_size=(size, size), threads=threads)
