@@ -19,6 +19,7 @@ at a time, never through full-size float arrays (which took 2.1 GB for an 81 MP 
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -45,6 +46,10 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
 
 class ImageReadError(HRNetError):
     """An image file that cannot be decoded; the message names the file and why."""
+
+
+class NotAnImageError(ImageReadError):
+    """Data that is no image at all (empty, or no format PIL knows), as opposed to a damaged one."""
 
 
 def display_path(path: str | bytes | os.PathLike) -> str:
@@ -85,9 +90,12 @@ def open_regular(path: str | os.PathLike, error: type[HRNetError]) -> BinaryIO:
 def _check_header(img: Image.Image) -> None:
     """Refuse from what the header declares, before any pixel data is decoded."""
     w, h = img.size
-    if w * h > MAX_PIXELS:
-        raise ImageReadError(f"{w}x{h} pixels ({w * h / 1e6:.0f} MP) exceed the {MAX_PIXELS / 1e6:.0f} MP limit "
-                             "(hrnet.data.decode.MAX_PIXELS)")
+    # PIL's own limit only warns below twice its value, and warning filters are process-wide (threads
+    # decoding at once, as in the server, race on them): both limits are checked here explicitly.
+    limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
+    if w * h > limit:
+        raise ImageReadError(f"{w}x{h} pixels ({w * h / 1e6:.0f} MP) exceed the {limit / 1e6:.0f} MP limit "
+                             "(hrnet.data.decode.MAX_PIXELS, PIL's Image.MAX_IMAGE_PIXELS)")
     if img.mode not in MODES:
         raise ImageReadError(f"unsupported pixel mode {img.mode!r}")
 
@@ -126,22 +134,34 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     name = display_path(path)
     with open_regular(path, ImageReadError) as f:
         if os.fstat(f.fileno()).st_size == 0:
-            raise ImageReadError(f"{name}: empty file (0 bytes)")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # recoverable oddities (bad EXIF...) decode fine: no chatter
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                return _decode(f)  # PIL does not own f, so the decoded pixels outlive it
-        except ImageReadError as e:
-            reason = f"refused: {e}"
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            reason = f"refused as a possible decompression bomb: {e}"
-        except UnidentifiedImageError:
-            reason = "not an image (unrecognised file format)"
-        except MemoryError:
-            reason = "out of memory while decoding"
-        except OSError as e:
-            reason = f"truncated or corrupt image data ({e})"
-        except Exception as e:  # PIL's plugins raise many types on malformed data
-            reason = f"cannot decode ({type(e).__name__}: {e})"
+            raise NotAnImageError(f"{name}: empty file (0 bytes)")
+        return _decode_named(f, name)  # PIL does not own f, so the decoded pixels outlive it
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """:func:`load_image` on an encoded image held in memory (an upload); ``name`` goes in errors."""
+    if not data:
+        raise NotAnImageError(f"{name}: empty file (0 bytes)")
+    return _decode_named(io.BytesIO(data), name)
+
+
+def _decode_named(f: BinaryIO, name: str) -> Image.Image:
+    """:func:`_decode`, with every failure as one :class:`ImageReadError` line naming ``name``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # recoverable oddities (bad EXIF...) decode fine: no chatter
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(f)
+    except ImageReadError as e:
+        reason = f"refused: {e}"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        reason = f"refused as a possible decompression bomb: {e}"
+    except UnidentifiedImageError:
+        raise NotAnImageError(f"{name}: not an image (unrecognised file format)") from None
+    except MemoryError:
+        reason = "out of memory while decoding"
+    except OSError as e:
+        reason = f"truncated or corrupt image data ({e})"
+    except Exception as e:  # PIL's plugins raise many types on malformed data
+        reason = f"cannot decode ({type(e).__name__}: {e})"
     raise ImageReadError(f"{name}: " + " ".join(reason.split()))

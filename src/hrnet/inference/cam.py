@@ -89,11 +89,19 @@ def cam_image(model_or_name: torch.nn.Module | str, image: PathLike, output: Pat
     if class_index is not None and not 0 <= class_index < len(clf.labels):
         raise UnknownClassError(f"--class {class_index} is not a class of this model (0..{len(clf.labels) - 1})")
     crop = clf.transform.crop(load_image(image))
+    figure, explained, top = explain(clf, crop, class_index, topk)
+    figure.save(output)
+    return {"file": os.fspath(image), "output": os.fspath(output), "class": explained, "topk": top}
+
+
+def explain(clf: Classifier, crop: Image.Image, class_index: int | None = None,
+            topk: int = 5) -> tuple[Image.Image, dict, list[dict]]:
+    """Grad-CAM of ``crop`` (the resized, centre-cropped image the model sees): the picture, the explained
+    class ``{"index", "label", "score", "rank"}`` (default the top one), and the ``topk`` records."""
     x = clf.transform.normalize(crop).to(clf.device)
     cam, probs = grad_cam(clf.model, x, class_index)
     top = topk_records(probs[None].cpu(), clf.labels, topk)[0]
     c = top[0]["index"] if class_index is None else class_index
     explained = {"index": c, "label": clf.labels[c], "score": float(probs[c]),
                  "rank": int((probs > probs[c]).sum()) + 1}
-    render(crop, cam.cpu().numpy(), top, explained).save(output)
-    return {"file": os.fspath(image), "output": os.fspath(output), "class": explained, "topk": top}
+    return render(crop, cam.cpu().numpy(), top, explained), explained, top

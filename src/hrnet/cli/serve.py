@@ -1,0 +1,99 @@
+"""hrnet serve: an HTTP inference server with dynamic batching (Hugging Face and KServe v2 protocols)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from dataclasses import asdict
+
+from ..deploy import BACKENDS
+from ..errors import HRNetError
+from ._common import add_model_args, add_output_args, add_parser
+from .predict import show_progress
+
+
+class ServeError(HRNetError):
+    """The serving extra is missing, or the server options do not fit together."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "serve", "serve a model over HTTP: /v1/classify, KServe v2 /v2/..., /metrics, a page at /",
+                   "  hrnet serve hrnet-w18                     # http://127.0.0.1:8000/\n"
+                   "  hrnet serve hrnet-w18 --checkpoint my.safetensors --port 9000\n"
+                   "  hrnet serve hrnet-w48-ssld --host 0.0.0.0 --max-batch 32 --max-wait-ms 10 --workers 2\n"
+                   "  curl --data-binary @cat.jpg 'http://127.0.0.1:8000/v1/classify?top_k=3'")
+    add_model_args(p)
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                   help="inference backend (default onnxruntime, the fastest on CPU; see 'hrnet bench')")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="images per model call (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="T",
+                   help="longest an image waits for others to join its batch (default 5)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="images admitted and not yet answered; beyond it requests get 503 (default 256)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes sharing the port, each with its own model and a share of the cores")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB", help="request body limit (default 20)")
+    p.add_argument("--upload-timeout", type=float, default=30.0, metavar="S",
+                   help="a request body must arrive within this many seconds (default 30)")
+    p.add_argument("--input-size", type=int, default=None, metavar="PX",
+                   help="centre-crop size (default: the model record's, 224)")
+    p.add_argument("--crop-pct", type=float, default=None, metavar="F", help="crop / resized short edge")
+    add_output_args(p)  # --json: one line describing the server on stdout once the model is loaded
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve.app import ENV_VAR, ServeConfig, build_classifier, config_env, create_app
+    except ImportError as e:
+        raise ServeError(f"hrnet serve needs the serving extra ({e.name} is missing): "
+                         "pip install 'hrnet[serve]'") from None
+    try:
+        config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout)
+    except ValueError as e:
+        raise ServeError(f"invalid server options: {e}") from None
+    if args.workers < 1:
+        raise ServeError(f"--workers must be at least 1, got {args.workers}")
+    build = {"backend": args.backend, "checkpoint": args.checkpoint, "device": args.device,
+             "input_size": args.input_size, "crop_pct": args.crop_pct}
+    options = {"host": args.host, "port": args.port, "log_level": "warning" if args.quiet else "info",
+               "access_log": False, "timeout_graceful_shutdown": 60, "proxy_headers": False,
+               # bounds the connections (each may hold a body up to the limit); uvicorn answers 503 beyond
+               "limit_concurrency": config.max_queue + 64}
+    # uvicorn drains on SIGTERM, then raises it again under the handler found at start: this one, so
+    # a drained server exits 0 (what an orchestrator expects of a clean stop)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    if args.workers == 1:
+        app = create_app(build_classifier(args.name, progress=show_progress(args), **build), config=config)
+        _announce(args, config)
+        uvicorn.run(app, **options)
+        return 0
+    from ..builder import get_model_info
+
+    get_model_info(args.name)  # an unknown name fails here in one line, not in every worker
+    if args.checkpoint and "://" not in args.checkpoint and not os.path.exists(args.checkpoint):
+        raise ServeError(f"--checkpoint {args.checkpoint}: no such file")
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    os.environ[ENV_VAR] = config_env(args.name, config, threads=threads, **build)
+    _announce(args, config)
+    uvicorn.run("hrnet.serve.app:app_from_env", factory=True, workers=args.workers, **options)
+    return 0
+
+
+def _announce(args: argparse.Namespace, config) -> None:
+    url = f"http://{args.host}:{args.port}"
+    if args.json:
+        print(json.dumps({"url": url, "name": args.name, "backend": args.backend, "workers": args.workers,
+                          "pid": os.getpid(), **asdict(config)}), flush=True)
+    elif not args.quiet:
+        print(f"hrnet: serving {args.name} ({args.backend}, batches up to {args.max_batch}, "
+              f"{args.workers} worker{'s' * (args.workers > 1)}) at {url}/  (POST {url}/v1/classify)",
+              file=sys.stderr, flush=True)
