@@ -24,7 +24,7 @@ PACKAGE = Path(hrnet.__file__).parent
 PHOTO = Path(__file__).parents[1] / "examples" / "images" / "cat.jpg"
 
 # Each part of the package may import only from the parts listed before it (and from itself).
-LAYERS = ["errors", "fileio", "distributed", "models", "weights", "builder", "data", "deploy", "inference",
+LAYERS = ["errors", "fileio", "extras", "distributed", "models", "weights", "builder", "data", "deploy", "inference",
           "training", "quantize", "compare", "serve", "cli", "__main__", "__init__"]
 
 
