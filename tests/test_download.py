@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import Server
 from hrnet import create_model
 from hrnet.models import resolve
 from hrnet.weights import ChecksumError, DownloadError, load_weights, save_checkpoint
@@ -20,20 +19,7 @@ from hrnet.weights import download
 
 SMALL = "hrnet-w18-small"
 
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
-
-
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("HRNET_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HRNET_OFFLINE", raising=False)
-    monkeypatch.delenv("HRNET_MIRROR", raising=False)
-    return tmp_path / "home" / "checkpoints"
+pytestmark = pytest.mark.usefixtures("home")
 
 
 @pytest.fixture(scope="module")

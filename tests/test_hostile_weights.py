@@ -29,7 +29,7 @@ import pytest
 import timm
 import torch
 
-from helpers import Server, randomize
+from helpers import randomize
 from hrnet.cli import main
 from hrnet import create_model
 from hrnet.weights import CheckpointError, DownloadError, download, load_checkpoint, load_weights, save_checkpoint
@@ -40,22 +40,10 @@ DEEP = b"})" + b"\x85" * 200_000 + b"K\x01s."  # {((((...(),),)...): 1}: hashing
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("HRNET_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HRNET_OFFLINE", raising=False)
-    monkeypatch.delenv("HRNET_MIRROR", raising=False)
-    return tmp_path / "home" / "checkpoints"
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
-
-
 # --- building hostile files -------------------------------------------------------------------------
+
+pytestmark = pytest.mark.usefixtures("home")
+
 
 class _Storage:
     def __init__(self, key: str, numel: int, kind: type = torch.FloatStorage):

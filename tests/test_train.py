@@ -35,6 +35,8 @@ from hrnet.training.train import NonFiniteLossError, Trainer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _load_benchmark():
     spec = importlib.util.spec_from_file_location("train_digits", ROOT / "benchmarks" / "train_digits.py")
@@ -44,15 +46,6 @@ def _load_benchmark():
 
 
 write_digits = _load_benchmark().write_digits
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP spinning makes tiny convolutions crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_config(tmp_path: Path, name: str, text: str) -> Path:

@@ -41,13 +41,7 @@ schedule: {{epochs: {epochs}}}
 output: {{dir: {run}, log_every: 1}}
 """
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

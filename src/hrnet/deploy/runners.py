@@ -6,6 +6,7 @@ the same device, so ``predict``/``eval`` and user code switch backends without o
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -45,14 +46,19 @@ def _channels_last(model: nn.Module) -> Runner:
     return run
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _compile(model: nn.Module, input_size: tuple[int, int]) -> Runner:
     fused = _fused(model)
     # freezing folds the (already BN-folded) weights into constants and lets inductor pick
     # oneDNN's weight-prepacked convolutions; it only applies under no_grad/inference_mode.
     compiled = torch.compile(fused, options={"freezing": True}, dynamic=False)
+    if _device(fused).type == "cpu":  # inductor looks for a CUDA toolkit and warns when it finds none
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     run = _channels_last(compiled)
-    ref = next(fused.parameters())
-    run(torch.zeros(1, 3, *input_size, device=ref.device))  # compile now, not on the first real batch
+    run(torch.zeros(1, 3, *input_size, device=_device(fused)))  # compile now, not on the first real batch
     return run
 
 
