@@ -138,21 +138,18 @@ def digits(workdir: Path, epochs: str | None, per_class: str | None, n_images: i
             raise CommandFailed(f"training wrote no {shown(weights, workdir)}")
     model = [MODEL, "--checkpoint", shown(weights, workdir)]
 
-    # --input-size as in training: the recipe's crop, resized by the model record's crop_pct
-    _, text = hrnet("eval", *model, "--data", shown(data / "val", workdir), "--input-size", str(INPUT),
-                    workdir=workdir)
+    # no --input-size: best.safetensors carries the evaluation settings it was trained for (32x32)
+    _, text = hrnet("eval", *model, "--data", shown(data / "val", workdir), workdir=workdir)
     accuracy = re.search(r"top-1\D*([\d.]+)", text)
 
     val = sorted(p for p in (data / "val").iterdir() if p.is_dir())
     picks = [sorted(folder.glob("*.png"))[0] for folder in val][:n_images]
-    hrnet("predict", *model, *[shown(p, workdir) for p in picks], "--input-size", str(INPUT), "--topk", "1",
-          workdir=workdir, note=true_label)
+    hrnet("predict", *model, *[shown(p, workdir) for p in picks], "--topk", "1", workdir=workdir, note=true_label)
 
     out.mkdir(parents=True, exist_ok=True)
     cam, onnx = out / "cam.png", out / "digits.onnx"
-    hrnet("cam", *model, shown(picks[-1], workdir), "--input-size", str(INPUT), "-o", shown(cam, workdir),
-          workdir=workdir)
-    hrnet("export", *model, "--input-size", str(INPUT), str(INPUT), "-o", shown(onnx, workdir), workdir=workdir)
+    hrnet("cam", *model, shown(picks[-1], workdir), "-o", shown(cam, workdir), workdir=workdir)
+    hrnet("export", *model, "-o", shown(onnx, workdir), workdir=workdir)
     _, text = hrnet("bench", *model, "--backend", "eager", "onnxruntime", "--input-size", str(INPUT), str(INPUT),
                     "--batch-size", "16", "--iters", iters, workdir=workdir)
     speeds = {m.group(1): m.group(2) for m in re.finditer(r"^(eager|onnxruntime)\s+([\d.]+)", text, re.M)}

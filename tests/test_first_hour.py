@@ -203,7 +203,7 @@ def test_the_demo_runs_offline_and_its_summary_is_true(tmp_path):
     # the accuracy it reports is hrnet eval's, and an independent count over the held-out folder
     printed = float(re.search(r"^held-out accuracy \(hrnet eval\): ([\d.]+) % top-1", out, re.M).group(1))
     weights, val = tmp_path / "runs" / "digits" / "best.safetensors", tmp_path / "digits" / "val"
-    assert printed == round(hrnet.evaluate("hrnet-w18-small", val, checkpoint=weights, input_size=32)["top1"], 2)
+    assert printed == round(hrnet.evaluate("hrnet-w18-small", val, checkpoint=weights)["top1"], 2)
     model = hrnet.create_model("hrnet-w18-small", checkpoint=weights).eval()
     files = sorted(val.glob("*/*.png"))
     resize = int(32 / 0.875)  # the zoo record's crop_pct, 224/256
