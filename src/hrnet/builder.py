@@ -11,7 +11,7 @@ import os
 from torch import nn
 
 from .models import HRNet, HRNetFeatures, resolve_arch
-from .models.hrnet import FeatureLocation
+from .models.hrnet import FeatureLocation, feature_indices
 from .models.zoo import MODELS, resolve
 from .weights import eval_config_of, load_weights, local_path
 
@@ -47,12 +47,20 @@ def create_model(
     evaluation settings stored in it (a fine-tuned hrnet file knows its input size).
     ``num_classes`` replaces the classifier (pretrained weights then load all but the classifier);
     without it, a ``checkpoint``'s own class count is used. ``progress`` shows a download bar.
+
+    ``features_only=True`` returns a list of maps (see :class:`~hrnet.models.HRNetFeatures`):
+    ``feature_location="incre"`` the head's maps, ``""`` the raw branches (``out_indices`` in 0..4,
+    0 the stride-2 stem, default 1..4), ``"hrnetv2"`` the branches resized to stride 4 and
+    concatenated, the segmentation representation (``out_indices`` in 0..1, default ``(1,)``).
+    ``model.feature_info`` describes each map (``channels()``, ``reduction()``, ``module_name()``).
     """
     arch, record = resolve_arch(name)
     if features_only and num_classes is not None:
         raise TypeError("num_classes has no meaning with features_only=True")
     if not features_only and (out_indices is not None or feature_location != "incre"):
         raise TypeError("out_indices and feature_location need features_only=True")
+    if features_only:
+        out_indices = feature_indices(feature_location, out_indices)  # raises before any download
     if pretrained and checkpoint is None and record is None:
         resolve(name)  # raises: an architecture without published weights
     source = None
@@ -61,8 +69,7 @@ def create_model(
     elif pretrained:
         source = local_path(record, progress=progress)
     if features_only:
-        model: nn.Module = HRNetFeatures(arch, out_indices=out_indices or (1, 2, 3, 4),
-                                         feature_location=feature_location)
+        model: nn.Module = HRNetFeatures(arch, out_indices=out_indices, feature_location=feature_location)
     else:
         default_classes = record.num_classes if record is not None else 1000
         model = HRNet(arch, num_classes=default_classes if num_classes is None else num_classes, drop_rate=drop_rate)

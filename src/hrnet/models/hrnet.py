@@ -7,6 +7,7 @@ BatchNorm is redundant, and official/timm biases fold exactly into BN's running 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,7 +19,8 @@ from .arch import EXPANSION, Arch, Stage
 from .zoo import EvalConfig, ModelRecord
 
 BN_MOMENTUM = 0.1
-FeatureLocation = Literal["incre", ""]
+FeatureLocation = Literal["incre", "", "hrnetv2"]
+FEATURE_LOCATIONS = ("incre", "", "hrnetv2")
 
 
 def conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, relu: bool = True) -> nn.Sequential:
@@ -166,10 +168,43 @@ class GlobalAvgPool(nn.Module):
 
 @dataclass(frozen=True)
 class FeatureInfo:
-    index: int  # 0: the stride-2 stem, 1..4: the branches at strides 4..32
+    """One output map of a feature extractor (or one level of the classifier's head).
+
+    ``index`` is its level, stride ``2 ** (index + 1)``: 0 the stride-2 stem, 1..4 strides 4..32.
+    ``module`` names a module of the model (``dict(model.named_modules())`` has it) whose forward
+    computes the map: ``bn1`` (the stem, before the ReLU that follows it in place), ``incre_modules.i``,
+    ``stage4`` (its output is the list of the four branches; this map is item ``index - 1``) or
+    ``resize_concat``.
+    """
+
+    index: int
     channels: int
     stride: int
     module: str
+
+
+class FeatureInfoList(list[FeatureInfo]):
+    """``model.feature_info``: a list of :class:`FeatureInfo`, one per output map, with timm's accessors.
+
+    ``channels()``, ``reduction()`` and ``module_name()`` return a list over the outputs, or with
+    ``idx`` (an int or a sequence of ints, positions in this list) one value or a list of them.
+    """
+
+    def _get(self, attr: str, idx: int | Sequence[int] | None):
+        if idx is None:
+            return [getattr(f, attr) for f in self]
+        if isinstance(idx, int):
+            return getattr(self[idx], attr)
+        return [getattr(self[i], attr) for i in idx]
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> int | list[int]:
+        return self._get("channels", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> int | list[int]:
+        return self._get("stride", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> str | list[str]:
+        return self._get("module", idx)
 
 
 class HRNetTrunk(nn.Module):
@@ -248,8 +283,8 @@ class HRNet(HRNetTrunk):
         self.drop_rate = drop_rate
         self.num_classes = num_classes
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-        self.feature_info = [FeatureInfo(0, arch.stem_width, 2, "conv1")] + [
-            FeatureInfo(i + 1, c, 4 * 2**i, f"incre_modules.{i}") for i, c in enumerate(incre)]
+        self.feature_info = FeatureInfoList([FeatureInfo(0, arch.stem_width, 2, "bn1")] + [
+            FeatureInfo(i + 1, c, 4 * 2**i, f"incre_modules.{i}") for i, c in enumerate(incre)])
         self.init_weights()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,29 +315,63 @@ class HRNet(HRNetTrunk):
                            if num_classes else nn.Identity())
 
 
+class ResizeConcat(nn.Module):
+    """The HRNetV2 representation (mmsegmentation's ``input_transform="resize_concat"``): every branch
+    resized to branch 0's size (bilinear, ``align_corners=False``) and concatenated on channels.
+    Resizing to a size, not by a factor of 2^k, keeps it right for inputs not divisible by 32."""
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        size = xs[0].shape[-2:]
+        return torch.cat([xs[0]] + [F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                                    for x in xs[1:]], dim=1)
+
+
+def feature_indices(feature_location: str, out_indices: Sequence[int] | None) -> tuple[int, ...]:
+    """The checked, sorted ``out_indices`` for ``feature_location`` (None: every level but the stem).
+
+    "incre" and "" have levels 0..4 (stem, strides 4..32); "hrnetv2" has 0 (stem) and 1 (the
+    concatenated branches at stride 4). Raises ValueError naming the allowed values.
+    """
+    if feature_location not in FEATURE_LOCATIONS:
+        raise ValueError(f"feature_location must be one of 'incre', '', 'hrnetv2', got {feature_location!r}")
+    levels = 2 if feature_location == "hrnetv2" else 5
+    if out_indices is None:
+        return tuple(range(1, levels))
+    out_indices = tuple(out_indices)
+    if not out_indices or any(i not in range(levels) for i in out_indices) or len(set(out_indices)) != len(out_indices):
+        what = "0 (stem) and 1 (the concatenated branches)" if levels == 2 else "0..4"
+        raise ValueError(f"out_indices for feature_location={feature_location!r} must be distinct values in "
+                         f"{what}, got {out_indices}")
+    return tuple(sorted(out_indices))
+
+
 class HRNetFeatures(HRNetTrunk):
-    """Multi-resolution feature extractor: returns a list of maps, one per ``out_indices`` entry.
+    """Multi-resolution feature extractor: returns a list of maps, one per ``out_indices`` entry (sorted).
 
     ``feature_location="incre"`` gives the head's 128/256/512/1024-channel maps; ``""`` the raw
-    branches (C, 2C, 4C, 8C). Index 0 is the stride-2 stem; 1..4 are strides 4, 8, 16, 32.
+    branches (C, 2C, 4C, 8C); for both, index 0 is the stride-2 stem and 1..4 are strides 4..32
+    (default ``(1, 2, 3, 4)``). ``"hrnetv2"`` gives the dense-prediction representation, the four
+    branches resized to stride 4 and concatenated (15C channels: 270 for W18); index 0 is the stem,
+    1 that map (default ``(1,)``, a one-map list). The state dict is the trunk's (plus the incre
+    modules for "incre"), so backbone checkpoints load into every location.
     """
 
-    def __init__(self, arch: Arch, in_chans: int = 3, out_indices: tuple[int, ...] = (1, 2, 3, 4),
+    def __init__(self, arch: Arch, in_chans: int = 3, out_indices: Sequence[int] | None = None,
                  feature_location: FeatureLocation = "incre"):
-        if feature_location not in ("incre", ""):
-            raise ValueError(f"feature_location must be 'incre' or '', got {feature_location!r}")
-        out_indices = tuple(out_indices)
-        if not out_indices or any(i not in range(5) for i in out_indices) or len(set(out_indices)) != len(out_indices):
-            raise ValueError(f"out_indices must be distinct values in 0..4, got {out_indices}")
+        indices = feature_indices(feature_location, out_indices)  # refuse before building
         super().__init__(arch, in_chans)
+        self.out_indices = indices
         self.feature_location = feature_location
         self.incre_modules = make_incre(arch) if feature_location == "incre" else None
-        channels = arch.incre_channels if feature_location == "incre" else arch.branch_channels
-        names = "incre_modules" if feature_location == "incre" else "stage4"
-        info = [FeatureInfo(0, arch.stem_width, 2, "conv1")] + [
-            FeatureInfo(i + 1, c, 4 * 2**i, f"{names}.{i}") for i, c in enumerate(channels)]
-        self.out_indices = tuple(sorted(out_indices))
-        self.feature_info = [f for f in info if f.index in self.out_indices]
+        self.resize_concat = ResizeConcat() if feature_location == "hrnetv2" else None
+        info = [FeatureInfo(0, arch.stem_width, 2, "bn1")]
+        if feature_location == "hrnetv2":
+            info.append(FeatureInfo(1, sum(arch.branch_channels), 4, "resize_concat"))
+        elif feature_location == "incre":
+            info += [FeatureInfo(i + 1, c, 4 * 2**i, f"incre_modules.{i}") for i, c in enumerate(arch.incre_channels)]
+        else:
+            info += [FeatureInfo(i + 1, c, 4 * 2**i, "stage4") for i, c in enumerate(arch.branch_channels)]
+        self.feature_info = FeatureInfoList(f for f in info if f.index in self.out_indices)
         self.init_weights()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -310,5 +379,7 @@ class HRNetFeatures(HRNetTrunk):
         xs = self.branches(s4)
         if self.incre_modules is not None:
             xs = [incre(f) for incre, f in zip(self.incre_modules, xs)]
+        elif self.resize_concat is not None:
+            xs = [self.resize_concat(xs)]
         feats = [s2, *xs]
         return [feats[i] for i in self.out_indices]
