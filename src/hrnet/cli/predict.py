@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..data.decode import display_path
 from ..deploy import BACKENDS
+from ..errors import UsageError
 from ._common import add_model_args, add_output_args, add_parser, print_json
 
 
@@ -70,16 +72,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet predict hrnet-w18 examples/images\n"
                    "  hrnet predict hrnet-w48-ssld photo.jpg 'shots/**/*.png' --topk 3\n"
                    "  hrnet predict hrnet-w18 --checkpoint my.safetensors img.jpg --json\n"
-                   "  hrnet predict hrnet-w18 photos/ --backend onnxruntime --batch-size 32")
+                   "  hrnet predict hrnet-w18 photos/ --backend onnxruntime --batch-size 32\n"
+                   "  hrnet predict hrnet-w18 /data/photos --output preds.jsonl            # one JSON line per file\n"
+                   "  hrnet predict hrnet-w18 /data/photos --output preds.jsonl --resume   # after an interruption\n"
+                   "  torchrun --nproc-per-node 8 -m hrnet predict hrnet-w18 /data/photos --output preds.jsonl")
     add_model_args(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, directories (recursive) or globs")
     p.add_argument("--topk", type=positive_int, default=5, metavar="K", help="classes per image (default 5)")
+    p.add_argument("--output", metavar="FILE",
+                   help="stream one JSON record per file to FILE as results arrive (needed under torchrun, "
+                        "where each process writes a part and they are merged in input order at the end)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --output: skip the files FILE (or an interrupted run's parts) already has a "
+                        "record for and append the rest; without it an existing FILE is refused")
     add_inference_args(p, batch_size=16)
     add_output_args(p)
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        return predict_to_output(args)
+    if args.resume:
+        raise UsageError("--resume continues an --output file; pass --output FILE")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("under torchrun, predict writes its records with --output FILE")
     from ..inference.predict import predict
 
     records = predict(args.name, args.inputs, topk=args.topk, checkpoint=args.checkpoint,
@@ -96,6 +113,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for rank, t in enumerate(r["topk"], 1):
                 print(f"  {rank}. {100 * t['score']:6.2f}%  {t['label']} ({t['index']})")
     if not any("topk" in r for r in records):
+        print("hrnet: error: no input could be classified", file=sys.stderr)
+        return 1
+    return 0
+
+
+def predict_to_output(args: argparse.Namespace) -> int:
+    from ..distributed import cleanup, init_distributed
+    from ..inference.batch import predict_to_file
+
+    info = init_distributed(args.device)
+    try:
+        summary = predict_to_file(args.name, args.inputs, args.output, resume=args.resume, topk=args.topk,
+                                  checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
+                                  device=args.device, input_size=args.input_size, crop_pct=args.crop_pct,
+                                  strict=args.strict, progress=show_progress(args), backend=args.backend)
+    finally:
+        cleanup()
+    if not info.is_main:
+        return 0
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"{display_path(summary['output'])}: {summary['done']} records written ({summary['errors']} "
+              f"errors), {summary['skipped']} files already done, {summary['files']} in all")
+    if summary["done"] and summary["errors"] == summary["done"]:
         print("hrnet: error: no input could be classified", file=sys.stderr)
         return 1
     return 0
