@@ -4,6 +4,7 @@ from .builder import create_model, get_model_info, list_models
 from .errors import HRNetError, UnknownModelError
 from .inference.cam import cam_image
 from .inference.evaluate import evaluate
+from .inference.batch import predict_to_file
 from .inference.predict import predict
 from .models import count_flops, count_params
 from .weights import convert_checkpoint, load_checkpoint, save_checkpoint
@@ -11,5 +12,6 @@ from .weights import convert_checkpoint, load_checkpoint, save_checkpoint
 __version__ = "0.1.0"
 __all__ = [
     "HRNetError", "UnknownModelError", "cam_image", "convert_checkpoint", "count_flops", "count_params",
-    "create_model", "evaluate", "get_model_info", "list_models", "load_checkpoint", "predict", "save_checkpoint",
+    "create_model", "evaluate", "get_model_info", "list_models", "load_checkpoint", "predict", "predict_to_file",
+    "save_checkpoint",
 ]
