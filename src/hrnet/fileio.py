@@ -37,9 +37,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     except OSError as e:
         raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
     try:
-        os.fchmod(fd, 0o666 & ~umask())
         os.close(fd)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # after write: some writers replace the file they are given
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

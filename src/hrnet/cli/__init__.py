@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
+    except BrokenPipeError:
+        # The reader went away (`hrnet list | head`): stop quietly, as a killed writer would, and point
+        # stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (HRNetError, OSError) as e:  # a user's mistake or the machine's state: one line, no traceback
         if os.environ.get("HRNET_DEBUG"):
             raise
@@ -77,8 +82,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hrnet: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # The reader went away (`hrnet list | head`): stop quietly, as a killed writer would, and point
-        # stdout at /dev/null so the interpreter's final flush cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141

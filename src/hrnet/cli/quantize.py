@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ._common import add_model_args, add_output_args, add_parser, print_json
@@ -38,7 +39,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     require_onnx()  # before loading (maybe downloading) the model
     model = load_model(args)
     if not args.quiet and not args.json:
-        print(f"quantizing {args.name} to {args.output} ...", flush=True)
+        print(f"quantizing {args.name} to {args.output} ...", file=sys.stderr, flush=True)  # chatter
     path = quantize_onnx(model, args.calib, args.output, num_images=args.num_images, method=args.method,
                          input_size=args.input_size, progress=show_progress(args))
     meta = read_metadata(path)
@@ -47,7 +48,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "skipped": int(meta["hrnet.calibration.skipped"]), "input_size": meta["hrnet.input_size"]}
     if args.json:
         print_json(info)
-    elif not args.quiet:
+    else:  # the result: printed under --quiet too
         skipped = f", {info['skipped']} unreadable files skipped" if info["skipped"] else ""
         print(f"wrote {path} ({info['bytes'] / 2**20:.1f} MiB, int8, calibrated on "
               f"{info['calibration_images']} images with {args.method}{skipped})")
