@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import HRNetError
-from .decode import ImageReadError, display_path, load_image, open_regular
+from ..fileio import display_path, open_regular
+from .decode import ImageReadError, load_image
 from .imagenet import imagenet_wnids
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",

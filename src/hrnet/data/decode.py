@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import warnings
 from typing import BinaryIO
 
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import HRNetError
+from ..fileio import display_path, open_regular
 
 #: The largest image hrnet decodes, in pixels. Classification resizes to a few hundred pixels a side;
 #: 100 MP is more than any camera's full-resolution photo, and bounds decoding to 600 MB.
@@ -50,41 +50,6 @@ class ImageReadError(HRNetError):
 
 class NotAnImageError(ImageReadError):
     """Data that is no image at all (empty, or no format PIL knows), as opposed to a damaged one."""
-
-
-def display_path(path: str | bytes | os.PathLike) -> str:
-    """``path`` as text that can always be printed.
-
-    A file name whose bytes are not valid UTF-8 reaches Python as a str with surrogate escapes, which
-    ``print`` to a UTF-8 stream refuses (``UnicodeEncodeError``); here those bytes read ``\\xff``.
-    """
-    p = os.fspath(path)
-    try:
-        raw = p if isinstance(p, bytes) else p.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
-        return p.encode("utf-8", "backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", "backslashreplace")
-
-
-def open_regular(path: str | os.PathLike, error: type[HRNetError]) -> BinaryIO:
-    """Open ``path`` for binary reading, or raise ``error`` naming it if it is not a regular file.
-
-    A FIFO is refused from ``stat`` before any open (opening one for reading blocks until a writer
-    comes), and the opened file is checked again with ``fstat`` in case the path changed in between.
-    """
-    path = os.fspath(path)
-    name = display_path(path)
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise error(f"{name}: not a regular file")
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: never wait on a FIFO
-    except OSError as e:
-        raise error(f"{name}: cannot open ({e.strerror or e})") from None
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise error(f"{name}: not a regular file")
-    return f
 
 
 def _check_header(img: Image.Image) -> None:

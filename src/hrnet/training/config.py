@@ -17,7 +17,6 @@ import math
 import os
 import re
 import reprlib
-import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import HRNetError
+from ..fileio import open_regular
 
 
 class ConfigError(HRNetError):
@@ -117,13 +117,7 @@ def parse_yaml(text: str, source: str) -> Any:
 def read_yaml(path: str | os.PathLike) -> Any:
     """The YAML document in ``path``: a regular file (a FIFO or device would block or never end) of at
     most ``MAX_CONFIG_BYTES``, in UTF-8."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"{path}: not a regular file; give a YAML config file")
+    with open_regular(path, ConfigError) as f:
         try:
             data = f.read(MAX_CONFIG_BYTES + 1)
         except OSError as e:

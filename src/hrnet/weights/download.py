@@ -20,7 +20,6 @@ import http.client
 import os
 import re
 import signal
-import stat
 import tempfile
 import threading
 import time
@@ -34,7 +33,7 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from ..fileio import umask
+from ..fileio import open_regular, umask
 from .errors import CheckpointError, ChecksumError, DownloadError
 
 TIMEOUT = 10.0  # seconds to connect, and to wait for each read: an unreachable host fails fast
@@ -81,7 +80,7 @@ def fetch(url: str, filename: str | None = None, *, progress: bool = True) -> Pa
                 stale.unlink()
         try:
             stream, total = _open(source)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, DownloadError) as e:
             via = f" from the mirror {source}" if source != url else ""
             raise DownloadError(f"cannot download {url}{via} into {dest} ({_reason(e)}); {LOCAL_HINT}") from None
         prefix = sha256_prefix(filename)
@@ -165,12 +164,8 @@ def _reason(e: BaseException) -> str:
 def _open(source: str) -> tuple[BinaryIO, int | None]:
     """A byte stream for a URL or a local mirror file, and its length when known."""
     if not is_url(source):
-        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise ValueError("not a regular file")
-        f = os.fdopen(fd, "rb")
-        length = os.fstat(fd).st_size
+        f = open_regular(source, DownloadError)  # a FIFO must not block the open
+        length = os.fstat(f.fileno()).st_size
     else:
         request = urllib.request.Request(source, headers={"User-Agent": "hrnet"})
         f = urllib.request.urlopen(request, timeout=TIMEOUT)
