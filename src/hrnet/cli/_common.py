@@ -1,4 +1,7 @@
-"""Helpers shared by the subcommands: argument groups and output."""
+"""Helpers shared by the subcommands: argument groups, argument types and output.
+
+The argument types turn an out-of-range number into argparse's one-line usage error naming the
+option, before anything is built or loaded."""
 
 from __future__ import annotations
 
@@ -6,6 +9,54 @@ import argparse
 import json
 import sys
 from typing import Any
+
+MAX_SIDE = 4096  # an image side in pixels; larger would only exhaust memory (4096^2 x 64 channels is 4 GiB)
+
+
+def integer_arg(text: str, low: int, high: int | None = None) -> int:
+    """argparse value check: ``text`` as an integer from ``low`` to ``high`` (or 10^9)."""
+    digits = text.strip()  # ASCII digits only: int() takes '+5' and '٥', and str.isdigit() takes '²'
+    if not (digits.isascii() and digits.isdigit() and len(digits) < 10 and low <= int(digits) <= (high or 10**9)):
+        bound = f"from {low} to {high}" if high else f">= {low}"
+        raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+    return int(digits)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a batch size, a top-k, a count of iterations or threads: 1 or more."""
+    return integer_arg(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: 0 or more (warm-up batches, lines to show)."""
+    return integer_arg(text, 0)
+
+
+def worker_count(text: str) -> int:
+    """argparse type: decoding processes, 0 (decode in-process) to 256."""
+    return integer_arg(text, 0, 256)
+
+
+def crop_size(text: str) -> int:
+    """argparse type: an image side in pixels, 1 to MAX_SIDE."""
+    return integer_arg(text, 1, MAX_SIDE)
+
+
+def crop_fraction(text: str) -> float:
+    """argparse type: a float in (0, 1], the fraction of the resized short edge that is cropped."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def add_input_size_arg(p: argparse.ArgumentParser, help: str, default: tuple[int, int] | None = None) -> None:
+    """``--input-size H W``: two image sides, each 1 to MAX_SIDE pixels."""
+    p.add_argument("--input-size", nargs=2, type=crop_size, metavar=("H", "W"), default=default,
+                   help=f"{help} (each side 1 to {MAX_SIDE})")
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help: str, examples: str) -> argparse.ArgumentParser:

@@ -8,7 +8,8 @@ from dataclasses import asdict
 from tqdm import tqdm
 
 from ..extras import require
-from ._common import add_output_args, add_parser, format_table, print_json
+from ._common import (add_input_size_arg, add_output_args, add_parser, format_table, nonnegative_int, positive_int,
+                      print_json)
 from .predict import show_progress
 
 
@@ -24,10 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weights to load (default: random weights; they do not change the speed)")
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS),
                    help="backends to measure (default: all)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--threads", type=int, help="CPU threads per backend (default: the backend's own choice)")
-    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=(224, 224))
-    p.add_argument("--iters", type=int, default=20, help="timed batches per backend, after 3 warm-up batches")
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="default 1")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU threads per backend (default: the backend's own choice)")
+    add_input_size_arg(p, "input size (default 224 224)", default=(224, 224))
+    p.add_argument("--iters", type=positive_int, default=20, metavar="N", help="timed batches per backend (default 20)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, metavar="N",
+                   help="untimed batches before them (default 3)")
     add_output_args(p)
     p.set_defaults(func=cmd_bench)
 
@@ -40,7 +44,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = []
     for backend in tqdm(args.backend, desc="backends", disable=not show_progress(args)):
         results.append(bench(args.name, backend, checkpoint=args.checkpoint, batch_size=args.batch_size,
-                             input_size=tuple(args.input_size), threads=args.threads, iters=args.iters))
+                             input_size=tuple(args.input_size), threads=args.threads, iters=args.iters,
+                             warmup=args.warmup))
     if args.json:
         print_json([asdict(r) for r in results])
         return 0

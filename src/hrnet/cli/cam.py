@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from ._common import add_model_args, add_output_args, add_parser, print_json
+from ._common import add_model_args, add_output_args, add_parser, crop_fraction, crop_size, print_json
+
+
+def picture_path(text: str) -> str:
+    """argparse type: a file name whose extension is a format Pillow can write (.png, .jpg, .webp...)."""
+    from PIL import Image
+
+    Image.init()
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if os.path.splitext(text)[1].lower() not in writable:
+        raise argparse.ArgumentTypeError(f"expected a picture file name ending in .png, .jpg, .webp ..., got {text!r}")
+    return text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,21 +25,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet cam hrnet-w48-ssld dog.jpg --class 207 -o golden_retriever.png --json")
     add_model_args(p)
     p.add_argument("image", metavar="IMAGE", help="the image file")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="picture to write (.png, .jpg)")
+    p.add_argument("-o", "--output", required=True, type=picture_path, metavar="OUT",
+                   help="picture to write (.png, .jpg)")
     p.add_argument("--class", dest="class_index", type=int, default=None, metavar="IDX",
                    help="the class to explain (default: the top-1 prediction)")
-    p.add_argument("--input-size", type=int, default=None, metavar="PX", help="centre-crop size (default 224)")
-    p.add_argument("--crop-pct", type=float, default=None, metavar="F", help="crop / resized short edge")
+    p.add_argument("--input-size", type=crop_size, default=None, metavar="PX", help="centre-crop size (default 224)")
+    p.add_argument("--crop-pct", type=crop_fraction, default=None, metavar="F",
+                   help="crop / resized short edge, in (0, 1]")
     add_output_args(p)
     p.set_defaults(func=cmd_cam)
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
+    from ..fileio import atomic_write
     from ..inference.cam import cam_image
 
-    result = cam_image(args.name, args.image, args.output, class_index=args.class_index,
-                       checkpoint=args.checkpoint, device=args.device, input_size=args.input_size,
-                       crop_pct=args.crop_pct)
+    found = {}
+
+    def write(tmp: str) -> None:  # the temporary name keeps the extension, which picks the format
+        found.update(cam_image(args.name, args.image, tmp, class_index=args.class_index, checkpoint=args.checkpoint,
+                               device=args.device, input_size=args.input_size, crop_pct=args.crop_pct))
+
+    atomic_write(args.output, write)  # a full disk leaves the previous picture, and names this one
+    result = found | {"output": args.output}
     if args.json:
         print_json(result)
     else:  # the result: printed under --quiet too

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..fileio import WriteError
 from ._common import add_output_args, add_parser, print_json
 
 
@@ -30,8 +31,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     from ..data.dataset import find_images
     from ..data.digits import write_digits
 
-    train_dir, val_dir = write_digits(args.out_dir, size=args.size, val_fraction=args.val_fraction, seed=args.seed,
-                                       per_class=args.per_class)
+    try:
+        train_dir, val_dir = write_digits(args.out_dir, size=args.size, val_fraction=args.val_fraction,
+                                           seed=args.seed, per_class=args.per_class)
+    except OSError as e:  # a failed write (a full disk) names no file: name the folder
+        if e.filename is not None:
+            raise
+        raise WriteError(f"cannot write {args.out_dir}: {e.strerror or e}") from None
     counts = {"train": len(find_images(train_dir)), "val": len(find_images(val_dir)) if val_dir.is_dir() else 0}
     if args.json:
         print_json({"train": str(train_dir), "val": str(val_dir), "train_images": counts["train"],

@@ -6,9 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import HRNetError
+from ..errors import HRNetError, UsageError
 from ..extras import require
-from ._common import add_model_args, add_output_args, add_parser, load_model, print_json
+from ._common import (add_input_size_arg, add_model_args, add_output_args, add_parser, integer_arg, load_model,
+                      print_json)
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
 
@@ -22,6 +23,16 @@ def batch_arg(value: str) -> int | None:
     raise argparse.ArgumentTypeError(f"expected 'dynamic' or a positive integer, got {value!r}")
 
 
+# torch's ONNX exporter writes opset 18 and converts down on request; for HRNet that conversion fails
+# and the file silently keeps opset 18 (measured with torch 2.14: 17 and 13 both give 18): refuse them.
+MIN_OPSET = 18
+
+
+def opset_version(text: str) -> int:
+    """argparse type: an ONNX opset from MIN_OPSET up (the top is checked against onnx once imported)."""
+    return integer_arg(text, MIN_OPSET, 99)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "export", "export a model to ONNX or torch.export (.pt2), checked against eager PyTorch",
                    "  hrnet export hrnet-w18 --checkpoint w18.pth -o hrnet-w18.onnx\n"
@@ -33,9 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="file format (default: from the output's extension)")
     p.add_argument("--batch", type=batch_arg, default=None, metavar="dynamic|N",
                    help="a dynamic batch axis (default) or a fixed batch size")
-    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
-                   help="fixed input size (default: the model's evaluation crop)")
-    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    add_input_size_arg(p, "fixed input size (default: the model's evaluation crop)")
+    p.add_argument("--opset", type=opset_version,
+                   help=f"ONNX opset version, {MIN_OPSET} or later (default: the exporter's)")
     p.add_argument("--no-check", action="store_true",
                    help="skip running the file and comparing its logits with the eager model")
     add_output_args(p)
@@ -52,6 +63,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise HRNetError(f"{args.output}: --opset applies to ONNX only")
     if fmt == "onnx":
         require("onnx", "hrnet export to ONNX")
+        import onnx
+
+        if args.opset is not None and args.opset > onnx.defs.onnx_opset_version():
+            raise UsageError(f"--opset {args.opset}: the installed onnx {onnx.__version__} knows opsets up to "
+                             f"{onnx.defs.onnx_opset_version()}")
     model = load_model(args)
     if not args.quiet and not args.json:
         print(f"exporting {args.name} to {args.output} ({fmt}) ...", file=sys.stderr, flush=True)

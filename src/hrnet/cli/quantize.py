@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_model_args, add_output_args, add_parser, print_json
+from ._common import add_model_args, add_output_args, add_parser, crop_size, positive_int, print_json
 from .predict import show_progress
 
 
@@ -21,11 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--calib", required=True, type=Path, metavar="DIR",
                    help="folder of calibration images (recursive; a few hundred training images)")
-    p.add_argument("--num-images", type=int, default=256, metavar="N",
+    p.add_argument("--num-images", type=positive_int, default=256, metavar="N",
                    help="calibrate on a seeded sample of N images (default 256)")
     p.add_argument("--method", choices=METHODS, default="minmax",
                    help="how activation ranges are chosen from the calibration data (default minmax)")
-    p.add_argument("--input-size", type=int, default=None, metavar="PX",
+    p.add_argument("--input-size", type=crop_size, default=None, metavar="PX",
                    help="centre-crop size, fixed in the graph (default: the model record's, 224)")
     p.add_argument("-o", "--output", required=True, type=Path, help="the .onnx file to write")
     add_output_args(p)

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from ..builder import create_model
 from ..models import MODELS, count_flops, count_params, resolve
 from ..weights.download import UNVERIFIED
-from ._common import add_output_args, add_parser, format_table, print_json
+from ._common import add_input_size_arg, add_output_args, add_parser, format_table, print_json
 from .predict import show_progress
 
 
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "flops", "count a model's params and FLOPs (mmcls convention: conv MACs)",
                    "  hrnet flops hrnet-w18\n  hrnet flops hrnet-w48-ssld --input-size 288 288 --json")
     p.add_argument("name", help="model name or alias")
-    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), default=(224, 224))
+    add_input_size_arg(p, "image size to count at (default 224 224)", default=(224, 224))
     add_output_args(p)
     p.set_defaults(func=cmd_flops)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import inspect
 import json
 import re
 import statistics
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import HRNetError
+from ..errors import HRNetError, UsageError
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,23 @@ def summarize(backend: str, batch_size: int, times: list[float], setup_s: float,
                        peak_rss_mb=rss, setup_s=setup_s)
 
 
+def check_options(*, batch_size: int, input_size: tuple[int, int], threads: int | None, iters: int,
+                  warmup: int) -> None:
+    """UsageError naming the first option out of range: a measurement of zero batches or images
+    has no rate, and a zero or negative side or thread count fails deep inside a backend."""
+    def at_least(low: int, value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    sides = tuple(input_size) if isinstance(input_size, (tuple, list)) else ()
+    for name, ok, value in [("batch_size", at_least(1, batch_size), batch_size), ("iters", at_least(1, iters), iters),
+                            ("warmup", at_least(0, warmup), warmup),
+                            ("threads", threads is None or at_least(1, threads), threads),
+                            ("input_size", len(sides) == 2 and all(at_least(1, v) for v in sides), input_size)]:
+        if not ok:
+            raise UsageError(f"{name} out of range: {repr(value):.60} (sizes and counts are positive integers; "
+                             "warmup may be 0)")
+
+
 def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_size: int = 1,
                input_size: tuple[int, int] = (224, 224), threads: int | None = None, iters: int = 20,
                warmup: int = 3, onnx: str | None = None) -> BenchResult:
@@ -95,11 +113,14 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
 
     Without ``checkpoint`` the model keeps its random initialisation: the weights' values do not
     change the amount of work. ``onnx``: serve this exported file (onnxruntime backend) instead of
-    exporting here, as a deployment would.
+    exporting here, as a deployment would. Out-of-range counts or sizes raise UsageError before
+    anything is built.
     """
     from ..builder import create_model
     from .ort import OnnxRuntimeRunner
     from .runners import make_runner
+
+    check_options(batch_size=batch_size, input_size=input_size, threads=threads, iters=iters, warmup=warmup)
 
     if threads:
         torch.set_num_threads(threads)
@@ -124,6 +145,8 @@ def bench(name: str, backend: str, **kwargs) -> BenchResult:
     For onnxruntime the model is exported here first, so the exporter's own memory (it imports a
     compiler stack) does not count against serving; ``setup_s`` then includes the export.
     """
+    options = {k: p.default for k, p in inspect.signature(bench_here).parameters.items()}
+    check_options(**{k: kwargs.get(k, options[k]) for k in ("batch_size", "input_size", "threads", "iters", "warmup")})
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         if backend == "onnxruntime":
@@ -143,12 +166,18 @@ def bench(name: str, backend: str, **kwargs) -> BenchResult:
     return replace(result, setup_s=result.setup_s + export_s)
 
 
-def _main() -> None:
+def _main() -> int:
     job = json.loads(sys.argv[1])
     if job.get("input_size") is not None:
         job["input_size"] = tuple(job["input_size"])
-    print(json.dumps(asdict(bench_here(job.pop("name"), job.pop("backend"), **job))))
+    try:
+        result = bench_here(job.pop("name"), job.pop("backend"), **job)
+    except (HRNetError, OSError) as e:  # the parent reports the last stderr line: make it the message alone
+        print(str(e).replace("\n", " "), file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(result)))
+    return 0
 
 
 if __name__ == "__main__":
-    _main()
+    sys.exit(_main())

@@ -8,6 +8,7 @@ BN-folded model of :func:`~hrnet.deploy.fold.fuse_model` in NCHW layout.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import warnings
@@ -114,7 +115,13 @@ def export_pt2(model: nn.Module, path: str | os.PathLike, *, batch: int | None =
     except Exception as e:
         raise ExportError(f"{path}: torch.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     def write(tmp: str) -> None:
-        torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(export_metadata(model, input_size))})
+        # Serialised in memory, then written by Python: torch's file writer, on a failed write (a full
+        # disk), throws again from its destructor and aborts the interpreter (torch 2.14, rc 134).
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(export_metadata(model, input_size))})
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+        del buffer
         if check:
             _check(str(path), model, load_pt2(tmp)[0].module(), input_size, (batch,) if batch else CHECK_BATCHES)
     return atomic_write(path, write)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .hrnet import GlobalAvgPool, HRNet
 
 
@@ -42,7 +43,11 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_flops(model: nn.Module, input_size: tuple[int, int] = (224, 224), in_chans: int = 3) -> int:
-    """FLOPs of one image of ``input_size`` (H, W) through the feature extractor (see module doc)."""
+    """FLOPs of one image of ``input_size`` (H, W) through the feature extractor (see module doc).
+
+    Each side must be a positive integer (UsageError otherwise, before anything runs)."""
+    if len(input_size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_size):
+        raise UsageError(f"input size must be two positive integers (H, W), got {repr(input_size):.60}")
     total = 0
 
     def hook(m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:

@@ -20,6 +20,8 @@ import torch
 
 from ..errors import HRNetError
 from ..fileio import atomic_write
+from ..weights.errors import CheckpointError
+from ..weights.preflight import check_torch_zip
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)\.pt$")
 
@@ -52,17 +54,27 @@ def save_state(state: dict[str, Any], path: Path) -> None:
 def load_state(path: Path) -> dict[str, Any]:
     """A checkpoint written by :func:`save_state`, loaded without unpickling arbitrary objects.
 
-    Only a regular file is opened (a FIFO would block forever), and the result must hold every part of
-    a training state, so a weights file or a foreign pickle is refused by name.
+    Only a regular file is opened (a FIFO would block forever); its pickle is measured before anything
+    is built (as for weights: :mod:`hrnet.weights.preflight`), so a deep or oversized pickle is refused
+    instead of crashing the interpreter; and the result must hold every part of a training state, so
+    a weights file or a foreign pickle is refused by name.
     """
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise ResumeError(f"{path}: not a regular file; {NOT_STATE}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # save_state writes torch's zip format, never anything else
+                raise ResumeError(f"{path}: not a training checkpoint (not a torch zip file); {NOT_STATE}")
+        check_torch_zip(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ResumeError(f"{path}: no such checkpoint") from None
+    except CheckpointError as e:  # the preflight's own one-line reason
+        raise ResumeError(f"{e}; {NOT_STATE}") from None
     except ResumeError:
         raise
+    except OSError as e:  # a path through a non-directory, a directory, no permission
+        raise ResumeError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise ResumeError(f"{path}: not a readable training checkpoint ({type(e).__name__}); {NOT_STATE}") from None
     missing = [k for k in REQUIRED if k not in state] if isinstance(state, dict) else list(REQUIRED)
