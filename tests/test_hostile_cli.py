@@ -58,6 +58,7 @@ def files(tmp_path_factory) -> Path:
     (d / "afile").write_text("not a folder\n")
     (d / "adir").mkdir()
     os.mkfifo(d / "fifo")
+    (d / "bad.onnx").write_bytes(b"not a protobuf at all")
     return d
 
 
@@ -96,6 +97,13 @@ PROBES = [
      ["argument --input-size", "'0'"]),
     ("quantize hrnet-w18-small --checkpoint {d}/small.safetensors --calib {d}/val -o {d}/q.onnx --input-size 0",
      ["argument --input-size", "'0'"]),
+    ("serve hrnet-w18-small --checkpoint {d}/small.safetensors --port -1", ["argument --port", "'-1'"]),
+    ("serve hrnet-w18-small --checkpoint {d}/small.safetensors --port 70000", ["argument --port", "'70000'"]),
+    ("serve hrnet-w18-small --checkpoint {d}/small.safetensors --input-size 0", ["argument --input-size", "'0'"]),
+    ("train {d}/adir", ["adir", "not a regular file"]),
+    ("plot {d}/fifo", ["fifo", "no training log"]),
+    ("compare hrnet-w18-small --checkpoint {d}/small.safetensors --data {d}/val eager {d}/bad.onnx",
+     ["bad.onnx", "onnxruntime cannot load it"]),
 ]
 
 # Already one line before this change; kept so they stay so (with PROBES' first, the before-stop hook's).

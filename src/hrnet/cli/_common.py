@@ -59,6 +59,11 @@ def add_input_size_arg(p: argparse.ArgumentParser, help: str, default: tuple[int
                    help=f"{help} (each side 1 to {MAX_SIDE})")
 
 
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars: only on a terminal, never under --quiet."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
 def add_parser(sub: argparse._SubParsersAction, name: str, help: str, examples: str) -> argparse.ArgumentParser:
     """A subcommand parser whose --help ends with worked examples."""
     return sub.add_parser(name, help=help, description=help, epilog="examples:\n" + examples,
@@ -96,5 +101,5 @@ def load_model(args: argparse.Namespace, **kwargs: Any):
     from ..builder import create_model
 
     model = create_model(args.name, pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
-                         progress=not getattr(args, "quiet", False), **kwargs)
+                         progress=show_progress(args), **kwargs)
     return model.to(args.device or default_device()).eval()

@@ -9,8 +9,7 @@ from tqdm import tqdm
 
 from ..extras import require
 from ._common import (add_input_size_arg, add_output_args, add_parser, format_table, nonnegative_int, positive_int,
-                      print_json)
-from .predict import show_progress
+                      print_json, show_progress)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -37,32 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
-    from ..fileio import atomic_write
     from ..inference.cam import cam_image
 
-    found = {}
-
-    def write(tmp: str) -> None:  # the temporary name keeps the extension, which picks the format
-        found.update(cam_image(args.name, args.image, tmp, class_index=args.class_index, checkpoint=args.checkpoint,
-                               device=args.device, input_size=args.input_size, crop_pct=args.crop_pct))
-
-    atomic_write(args.output, write)  # a full disk leaves the previous picture, and names this one
-    result = found | {"output": args.output}
+    result = cam_image(args.name, args.image, args.output, class_index=args.class_index, checkpoint=args.checkpoint,
+                       device=args.device, input_size=args.input_size, crop_pct=args.crop_pct)
     if args.json:
         print_json(result)
     else:  # the result: printed under --quiet too
         c = result["class"]
-        print(f"{result['output']}: Grad-CAM of {c['label']} ({c['index']}{explained_score(result)}) "
+        print(f"{result['output']}: Grad-CAM of {c['label']} ({c['index']}, {100 * c['score']:.1f}%, rank {c['rank']}) "
               f"on {result['file']}")
     return 0
-
-
-def explained_score(result: dict) -> str:
-    """``", 12.3%, rank 7"`` for the explained class: its score and rank from the result's ``class``
-    record when given, else from the top-k list; empty if neither has it."""
-    c = result["class"]
-    if "score" not in c:
-        c = next((t | {"rank": r} for r, t in enumerate(result["topk"], 1) if t["index"] == c["index"]), c)
-    if "score" not in c:
-        return ""
-    return f", {100 * c['score']:.1f}%" + (f", rank {c['rank']}" if "rank" in c else "")

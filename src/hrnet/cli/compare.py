@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from ._common import (add_model_args, add_output_args, add_parser, crop_fraction, crop_size, nonnegative_int,
-                      positive_int, print_json, worker_count)
-from .predict import show_progress
+                      positive_int, print_json, show_progress, worker_count)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

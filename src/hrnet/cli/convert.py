@@ -6,7 +6,7 @@ import argparse
 
 from ..weights import LAYOUTS, convert_checkpoint
 from ..weights.writers import WRITABLE
-from ._common import add_output_args, add_parser, print_json
+from ._common import add_output_args, add_parser, print_json, show_progress
 
 EXAMPLES = """\
   hrnet convert hrnet-w18_3rdparty_8xb32_in1k_20220120-0c10b180.pth hrnet-w18.safetensors
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     result = convert_checkpoint(args.src, args.dst, model=args.model, layout=args.layout, to=args.to,
-                                backbone_only=args.backbone_only, hub=args.hub, progress=not args.quiet)
+                                backbone_only=args.backbone_only, hub=args.hub, progress=show_progress(args))
     if args.json:
         print_json(result)
     else:

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from ..data.decode import display_path
-from ._common import add_model_args, add_output_args, add_parser, format_table, print_json
-from .predict import add_inference_args, show_progress
+from ._common import add_model_args, add_output_args, add_parser, format_table, print_json, show_progress
+from .predict import add_inference_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,41 +9,8 @@ import sys
 from ..data.decode import display_path
 from ..deploy import BACKENDS
 from ..errors import UsageError
-from ._common import add_model_args, add_output_args, add_parser, print_json
-
-
-def _integer(text: str, low: int, high: int | None = None) -> int:
-    digits = text.strip()  # ASCII digits only: int() takes '+5' and '٥', and str.isdigit() takes '²'
-    if not (digits.isascii() and digits.isdigit() and len(digits) < 10 and low <= int(digits) <= (high or 10**9)):
-        bound = f"from {low} to {high}" if high else f">= {low}"
-        raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
-    return int(digits)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a batch size or a top-k, 1 or more."""
-    return _integer(text, 1)
-
-
-def worker_count(text: str) -> int:
-    """argparse type: decoding processes, 0 (decode in-process) to 256."""
-    return _integer(text, 0, 256)
-
-
-def crop_size(text: str) -> int:
-    """argparse type: a crop side in pixels, 1 to 4096 (larger would only exhaust memory)."""
-    return _integer(text, 1, 4096)
-
-
-def crop_fraction(text: str) -> float:
-    """argparse type: a float in (0, 1], the fraction of the resized short edge that is cropped."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+from ._common import (add_model_args, add_output_args, add_parser, crop_fraction, crop_size, positive_int,
+                      print_json, show_progress, worker_count)
 
 
 def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
@@ -61,10 +28,6 @@ def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="eager",
                    help="eager: the model as built; fused: BN folded, channels-last; compile: torch.compile of "
                         "the fused model; onnxruntime: needs hrnet[onnx] (default eager)")
-
-
-def show_progress(args: argparse.Namespace) -> bool:
-    return not args.quiet and sys.stderr.isatty()
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,8 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_model_args, add_output_args, add_parser, crop_size, positive_int, print_json
-from .predict import show_progress
+from ._common import add_model_args, add_output_args, add_parser, crop_size, positive_int, print_json, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:

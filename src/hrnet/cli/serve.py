@@ -11,8 +11,8 @@ from dataclasses import asdict
 
 from ..deploy import BACKENDS
 from ..errors import HRNetError
-from ._common import add_model_args, add_output_args, add_parser
-from .predict import show_progress
+from ._common import (add_model_args, add_output_args, add_parser, crop_fraction, crop_size, integer_arg, positive_int,
+                      show_progress)
 
 
 class ServeError(HRNetError):
@@ -29,20 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="inference backend (default onnxruntime, the fastest on CPU; see 'hrnet bench')")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000")
-    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="images per model call (default 16)")
+    p.add_argument("--port", type=lambda t: integer_arg(t, 0, 65535), default=8000, help="default 8000 (0: any free port)")
+    p.add_argument("--max-batch", type=positive_int, default=16, metavar="N", help="images per model call (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="T",
                    help="longest an image waits for others to join its batch (default 5)")
-    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+    p.add_argument("--max-queue", type=positive_int, default=256, metavar="N",
                    help="images admitted and not yet answered; beyond it requests get 503 (default 256)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="server processes sharing the port, each with its own model and a share of the cores")
     p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB", help="request body limit (default 20)")
     p.add_argument("--upload-timeout", type=float, default=30.0, metavar="S",
                    help="a request body must arrive within this many seconds (default 30)")
-    p.add_argument("--input-size", type=int, default=None, metavar="PX",
+    p.add_argument("--input-size", type=crop_size, default=None, metavar="PX",
                    help="centre-crop size (default: the model record's, 224)")
-    p.add_argument("--crop-pct", type=float, default=None, metavar="F", help="crop / resized short edge")
+    p.add_argument("--crop-pct", type=crop_fraction, default=None, metavar="F", help="crop / resized short edge")
     add_output_args(p)  # --json: one line describing the server on stdout once the model is loaded
     p.set_defaults(func=cmd_serve)
 

@@ -9,8 +9,7 @@ from tqdm import tqdm
 from ..builder import create_model
 from ..models import MODELS, count_flops, count_params, resolve
 from ..weights.download import UNVERIFIED
-from ._common import add_input_size_arg, add_output_args, add_parser, format_table, print_json
-from .predict import show_progress
+from ._common import add_input_size_arg, add_output_args, add_parser, format_table, print_json, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:

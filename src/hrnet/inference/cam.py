@@ -8,6 +8,7 @@ model saw and laid over it, next to a bar chart of the top-5 classes.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data import load_image
-from ..errors import HRNetError
+from ..errors import HRNetError, UsageError
+from ..fileio import atomic_write
 from .predict import Classifier, PathLike, topk_records
 
 
@@ -90,7 +92,10 @@ def cam_image(model_or_name: torch.nn.Module | str, image: PathLike, output: Pat
         raise UnknownClassError(f"--class {class_index} is not a class of this model (0..{len(clf.labels) - 1})")
     crop = clf.transform.crop(load_image(image))
     figure, explained, top = explain(clf, crop, class_index, topk)
-    figure.save(output)
+    fmt = Image.registered_extensions().get(Path(output).suffix.lower())
+    if fmt is None:
+        raise UsageError(f"{output}: give the picture an image extension (.png, .jpg...)")
+    atomic_write(output, lambda tmp: figure.save(tmp, format=fmt))
     return {"file": os.fspath(image), "output": os.fspath(output), "class": explained, "topk": top}
 
 

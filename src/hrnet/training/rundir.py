@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import HRNetError
+from ..fileio import open_regular
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoints", "best.safetensors")
@@ -94,10 +95,10 @@ def read_jsonl(path: Path) -> list[dict]:
     A last line that does not parse and has no newline after it is what a crash in the middle of an
     append leaves: it is dropped. Any other bad line is a :class:`RunLogError` naming the line.
     """
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        raise RunLogError(f"{path}: no training log here (expected RUN_DIR/log.jsonl)") from None
+    if not path.is_file():  # also refuses a FIFO, which would block the read forever
+        raise RunLogError(f"{path}: no training log here (expected RUN_DIR/log.jsonl)")
+    with open_regular(path, RunLogError) as f:
+        text = f.read().decode("utf-8", errors="replace")
     lines = text.split("\n")
     records = []
     for n, line in enumerate(lines, 1):

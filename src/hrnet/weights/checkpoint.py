@@ -12,7 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from ..errors import UsageError
@@ -182,7 +182,8 @@ def save_state_dict(sd: StateDict, arch: Arch, path: str | os.PathLike, *, num_c
         del config["eval"]
         atomic_write(target / HUB_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
         target = target / HUB_WEIGHTS
-    atomic_write(target, lambda tmp: save_file(sd, tmp, metadata=meta))
+    data = save(sd, metadata=meta)  # in memory: the Rust writer's own I/O errors would escape as tracebacks
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
     return target
 
 
