@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..data.decode import display_path
-from ..deploy import BACKENDS
+from ..deploy import BACKENDS, PRECISIONS
 from ._common import add_model_args, add_output_args, add_parser, print_json
 
 
@@ -56,9 +56,19 @@ def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
                    help="crop / resized short edge (default: the record's, 224/256); the short edge "
                         "becomes floor(input_size / crop_pct)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
-    p.add_argument("--backend", choices=BACKENDS, default="eager",
+    p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="eager: the model as built; fused: BN folded, channels-last; compile: torch.compile of "
-                        "the fused model; onnxruntime: needs hrnet[onnx] (default eager)")
+                        "the fused model; onnxruntime: needs hrnet[onnx] (default eager; onnxruntime for an "
+                        ".onnx --checkpoint)")
+    add_precision_arg(p)
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    """--precision, shared by predict, eval, bench and serve."""
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32 (exact, default); bf16: CPUs with AVX512_BF16/AMX and GPUs; fp16: GPUs; int8: "
+                        "a file from 'hrnet quantize' passed as --checkpoint OUT.onnx (an .onnx checkpoint "
+                        "runs at the precision it was written in; --precision checks it)")
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -70,7 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet predict hrnet-w18 examples/images\n"
                    "  hrnet predict hrnet-w48-ssld photo.jpg 'shots/**/*.png' --topk 3\n"
                    "  hrnet predict hrnet-w18 --checkpoint my.safetensors img.jpg --json\n"
-                   "  hrnet predict hrnet-w18 photos/ --backend onnxruntime --batch-size 32")
+                   "  hrnet predict hrnet-w18 photos/ --backend onnxruntime --batch-size 32\n"
+                   "  hrnet predict hrnet-w18 photos/ --backend fused --precision bf16\n"
+                   "  hrnet predict hrnet-w18 --checkpoint w18.int8.onnx photos/   # from 'hrnet quantize'")
     add_model_args(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, directories (recursive) or globs")
     p.add_argument("--topk", type=positive_int, default=5, metavar="K", help="classes per image (default 5)")
@@ -85,7 +97,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records = predict(args.name, args.inputs, topk=args.topk, checkpoint=args.checkpoint,
                       batch_size=args.batch_size, workers=args.workers, device=args.device,
                       input_size=args.input_size, crop_pct=args.crop_pct, strict=args.strict,
-                      progress=show_progress(args), backend=args.backend)
+                      progress=show_progress(args), backend=args.backend, precision=args.precision)
     if args.json:
         print_json(records)
     for r in records:
