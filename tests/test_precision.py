@@ -23,8 +23,6 @@ import hrnet.deploy.runners as runners
 from hrnet.cli import main
 from hrnet.data import imagenet_wnids
 from hrnet.deploy import PrecisionWarning, export_onnx, make_runner
-from hrnet.deploy.bench import bench
-from hrnet.inference.predict import Classifier
 from hrnet.quantize import quantize_onnx
 from test_predict import CROP, FAST, MODEL, SHORT, mmcls_reference, model_and_photos
 
@@ -155,6 +153,15 @@ def test_serve_builds_from_an_int8_file_with_threads(setup):
     x = _inputs(photos[:2])
     assert clf.model is None and clf.transform.input_size == CROP
     assert torch.equal(clf.logits(x).argmax(1), _ort_logits(int8, x).argmax(1))
+
+
+def test_serve_defaults_to_the_fused_backend_for_bf16(setup):
+    from hrnet.serve.app import build_classifier
+
+    model, _, photos, logits, _ = setup
+    clf = build_classifier(model, precision="bf16", input_size=CROP, device="cpu")  # onnxruntime would refuse
+    got = clf.logits(_inputs(photos))
+    assert got.dtype == torch.float32 and (got.argmax(1) == logits.argmax(1))[_decisive(logits)].all()
 
 
 def test_bench_runs_an_int8_file(setup, capsys):

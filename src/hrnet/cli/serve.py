@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet serve hrnet-w18 --backend compile --precision bf16\n"
                    "  curl --data-binary @cat.jpg 'http://127.0.0.1:8000/v1/classify?top_k=3'")
     add_model_args(p)
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                   help="inference backend (default onnxruntime, the fastest fp32 on CPU; see 'hrnet bench')")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="inference backend (default onnxruntime, the fastest fp32 on CPU; fused for bf16/fp16; "
+                        "see 'hrnet bench')")
     add_precision_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -54,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..serve.app import ENV_VAR, ServeConfig, build_classifier, config_env, create_app
+        from ..serve.app import ENV_VAR, ServeConfig, build_classifier, config_env, create_app, default_backend
     except ImportError as e:
         raise ServeError(f"hrnet serve needs the serving extra ({e.name} is missing): "
                          "pip install 'hrnet[serve]'") from None
@@ -65,9 +66,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ServeError(f"invalid server options: {e}") from None
     if args.workers < 1:
         raise ServeError(f"--workers must be at least 1, got {args.workers}")
+    args.backend = args.backend or default_backend(args.precision)
     build = {"backend": args.backend, "precision": args.precision, "checkpoint": args.checkpoint,
-             "device": args.device,
-             "input_size": args.input_size, "crop_pct": args.crop_pct}
+             "device": args.device, "input_size": args.input_size, "crop_pct": args.crop_pct}
     options = {"host": args.host, "port": args.port, "log_level": "warning" if args.quiet else "info",
                "access_log": False, "timeout_graceful_shutdown": 60, "proxy_headers": False,
                # bounds the connections (each may hold a body up to the limit); uvicorn answers 503 beyond

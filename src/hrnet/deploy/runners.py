@@ -32,7 +32,8 @@ exported to ONNX and run by onnxruntime (needs the ``hrnet[onnx]`` extra)."""
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 """fp32: exact; bf16: CPUs with AVX512_BF16/AMX and GPUs; fp16: GPUs; int8: an ``hrnet quantize`` ONNX file."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZE_HINT = "int8 runs from a quantized ONNX file: run 'hrnet quantize NAME --calib DIR -o OUT.onnx' and pass OUT.onnx as --checkpoint"
+QUANTIZE_HINT = ("int8 runs from a quantized ONNX file: run 'hrnet quantize NAME --calib DIR -o OUT.onnx' and pass "
+                 "OUT.onnx as --checkpoint")
 
 
 class PrecisionWarning(UserWarning):
@@ -64,8 +65,8 @@ def check_precision(precision: str, backend: str, device: str) -> None:
         raise BackendError(f"{precision} is not available with the onnxruntime backend (it runs fp32 models and "
                            f"int8 files); use --backend fused or compile for {precision}")
     if device == "cpu" and precision == "fp16":
-        raise BackendError("fp16 needs a GPU (CPUs have no fast fp16 convolutions); on CPU use bf16 "
-                           "(AVX512_BF16/AMX) or int8 ('hrnet quantize')")
+        raise BackendError("fp16 needs a GPU (it is the GPU path; PyTorch's CPU fp16 convolutions are no faster "
+                           "than fp32); on CPU use bf16 (AVX512_BF16/AMX) or int8 ('hrnet quantize')")
     if device == "cpu" and not native_bf16_cpu():
         warnings.warn("this CPU has no native bf16 (AVX512_BF16 or AMX): bf16 runs emulated, slower than fp32; "
                       "int8 ('hrnet quantize') is the fast path here", PrecisionWarning, stacklevel=3)
@@ -137,10 +138,10 @@ def _onnxruntime(model: nn.Module, input_size: tuple[int, int], threads: int | N
 
 
 def _reduced(model: nn.Module, backend: str, dtype: torch.dtype, input_size: tuple[int, int]) -> Runner:
-    """bf16/fp16 runners. ``eager``: autocast over the model as built. CPU ``fused``/``compile``: the
-    fused model's weights cast to bf16 in channels_last, run without autocast (oneDNN's native bf16
-    convolutions either way, but autocast re-casts every weight on every call). GPU: autocast over
-    the fused channels_last model."""
+    """bf16/fp16 runners. ``eager``: autocast over the model as built. CPU ``fused``/``compile``: a
+    copy of the fused model with its weights cast to ``dtype`` in channels_last, run without autocast
+    (oneDNN's native avx512_core_bf16 convolutions either way; autocast re-casts every weight on every
+    call, and was no faster in rough probes). GPU: autocast over the fused channels_last model."""
     if backend == "eager":
         return _autocast(_eager(model), dtype)
     if next(model.parameters()).device.type == "cpu":

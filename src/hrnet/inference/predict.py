@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..data import (Batch, EvalTransform, ImageList, ImageReadError, class_names, eval_transform, find_images,
                     inference_loader)
-from ..deploy import BackendError, Runner, make_runner
+from ..deploy import Runner, make_runner
 from ..distributed import default_device
 from ..errors import UsageError
 from ..models import EvalConfig, resolve
@@ -103,16 +103,15 @@ class Classifier:
                    threads: int | None) -> Classifier:
         """An hrnet ONNX file run by onnxruntime on the CPU (whatever the device); options that cannot
         apply to it are refused."""
-        from ..deploy.ort import OnnxRuntimeRunner, check_file_precision
+        from ..deploy.ort import OnnxRuntimeRunner, check_file_precision, import_onnxruntime
 
         if backend not in (None, "onnxruntime"):
             raise UsageError(f"{path}: an ONNX file runs with the onnxruntime backend, not {backend}")
         if not os.path.isfile(path):
             raise UsageError(f"{path}: ONNX file not found")
+        import_onnxruntime()  # a missing extra is its own one-line error
         try:
             runner = OnnxRuntimeRunner(path, threads)
-        except BackendError:
-            raise
         except Exception as e:  # onnxruntime raises its own types for a damaged file
             raise UsageError(f"{path}: onnxruntime cannot load it ({type(e).__name__})") from None
         meta = runner.metadata

@@ -267,7 +267,8 @@ def create_app(model: Classifier | nn.Module | str, *, name: str | None = None, 
                **build) -> Starlette:
     """The serving app for ``model``: a :class:`~hrnet.inference.predict.Classifier`, or a model object or
     zoo name built by :func:`build_classifier` (``checkpoint`` (an ``.onnx`` file runs as it is),
-    ``backend`` (default onnxruntime), ``precision``, ``threads``, ``input_size``...). ``name`` is the v2 model name (default: the zoo record's name).
+    ``backend`` (default onnxruntime; fused for bf16/fp16), ``precision``, ``threads``, ``input_size``...). ``name`` is the
+    v2 model name (default: the zoo record's name).
 
     Mount it in your own Starlette/FastAPI app (``app.mount("/hrnet", create_app(...))``) or run it
     with uvicorn. The batcher starts with the first request, so mounting needs no lifespan hook.
@@ -313,10 +314,17 @@ def app_from_env() -> Starlette:
     return create_app(build_classifier(spec.pop("name"), **spec), config=config)
 
 
-def build_classifier(model: nn.Module | str, *, backend: str = "onnxruntime", **build) -> Classifier:
-    """``Classifier.build`` with serving's default backend (``threads``, ``precision``, an ``.onnx``
+def default_backend(precision: str | None) -> str:
+    """Serving's backend unless one is named: onnxruntime, the fastest fp32 on CPU (and the runner of
+    .onnx files), or ``fused`` for bf16/fp16, which onnxruntime does not run."""
+    return "fused" if precision in ("bf16", "fp16") else "onnxruntime"
+
+
+def build_classifier(model: nn.Module | str, *, backend: str | None = None, precision: str | None = None,
+                     **build) -> Classifier:
+    """``Classifier.build`` with serving's :func:`default_backend` (``threads``, an ``.onnx``
     ``checkpoint``... as there)."""
-    return Classifier.build(model, backend=backend, **build)
+    return Classifier.build(model, backend=backend or default_backend(precision), precision=precision, **build)
 
 
 def config_env(name: str, config: ServeConfig, **build) -> str:
