@@ -13,8 +13,9 @@ Agreement with fp32 eager (``hrnet.compare``):
     ranking depends on the photo), 224x224, calibrated on the same photos; counted also on the
     photos whose fp32 top-1 is decisive (log-probability margin >= DECISIVE).
 
-Runs are named in two dicts, SPEED_RUNNERS (name -> factory) and AGREEMENT_RUNS (name -> run spec
-for ``hrnet compare``); bf16 rows go there once the precision switch exists.
+Runs are named in two dicts, speed_runners() (name -> factory) and agreement_runs() (name -> run spec
+for ``hrnet compare``): bf16 is ``make_runner(..., precision="bf16")`` on the fused and compiled
+backends, int8 the ``hrnet quantize`` file.
 
     python benchmarks/bench_precision.py --digits-run runs/digits          # hrnet-w18
     python benchmarks/bench_precision.py --model hrnet-w48 --rounds 3
@@ -64,21 +65,22 @@ def photos() -> list[str]:
 
 
 def speed_runners(calib: list[str], calib_images: int) -> dict[str, Callable[[str, Path], Runner]]:
-    """name -> factory(model name, temp dir) of every runner timed. Add bf16 rows here."""
+    """name -> factory(model name, temp dir) of every runner timed."""
     return {
         "timm-eager": lambda name, tmp: serve(name, "timm-eager", None),
         BASELINE: lambda name, tmp: serve(name, BASELINE, timm_onnx(name, tmp)),
         "onnxruntime": lambda name, tmp: make_runner(create_model(name).eval(), "onnxruntime", input_size=SIZE),
         "int8": lambda name, tmp: OnnxRuntimeRunner(
             quantize_onnx(create_model(name).eval(), calib, tmp / f"{name}.int8.onnx", num_images=calib_images)),
-        # "fused:bf16": lambda name, tmp: make_runner(create_model(name).eval(), "fused", precision="bf16"),
+        "fused:bf16": lambda name, tmp: make_runner(create_model(name).eval(), "fused", precision="bf16"),
+        "compile:bf16": lambda name, tmp: make_runner(create_model(name).eval(), "compile", precision="bf16",
+                                                      input_size=SIZE),
     }
 
 
 def agreement_runs(int8: Path) -> dict[str, str]:
-    """name -> ``hrnet compare`` run spec judged against fp32 eager. Replace the local bf16 path of
-    hrnet.compare with the precision switch's spec when it exists."""
-    return {"int8": str(int8), "fused:bf16": "fused:bf16"}
+    """name -> ``hrnet compare`` run spec judged against fp32 eager."""
+    return {"int8": str(int8), "fused:bf16": "fused:bf16", "compile:bf16": "compile:bf16"}
 
 
 def speed(name: str, calib: list[str], rounds: int, calib_images: int) -> None:

@@ -199,7 +199,8 @@ def test_compare_text_output_names_the_runs_and_the_differences(setup, capsys):
     ("tpu", "tpu: unknown backend 'tpu'"),
     ("eager:int8", "eager:int8: int8 runs from a quantized file"),
     ("eager:fp8", "unknown precision 'fp8'"),
-    ("compile:bf16", "compile:bf16: bf16 is available with the eager and fused backends"),
+    ("onnxruntime:bf16", "onnxruntime:bf16: bf16 is not available with the onnxruntime backend"),
+    ("fused:fp16", "fused:fp16: fp16 needs a GPU"),
     ("missing.onnx", "missing.onnx: ONNX file not found"),
 ])
 def test_bad_run_specs_are_one_line_errors(setup, spec, message, capsys):

@@ -19,11 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import DatasetError, ImageDataset, ImageList, class_names, eval_transform, find_images, inference_loader
-from .deploy import BACKENDS, BackendError, Runner, make_runner
+from .deploy import BACKENDS, PRECISIONS, BackendError, Runner, make_runner
 from .errors import HRNetError
-
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-BF16_BACKENDS = ("eager", "fused")  # autocast around a PyTorch runner; the precision switch will widen this
 
 
 class SpecError(HRNetError):
@@ -56,30 +53,19 @@ def parse_spec(text: str) -> RunSpec:
         raise SpecError(f"{text}: int8 runs from a quantized file: 'hrnet quantize' it, then pass the .onnx path")
     if precision not in PRECISIONS:
         raise SpecError(f"{text}: unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if precision == "bf16" and backend not in BF16_BACKENDS:
-        raise SpecError(f"{text}: bf16 is available with the {' and '.join(BF16_BACKENDS)} backends")
-    return RunSpec(text, backend, precision)
+    return RunSpec(text, backend, precision)  # what this machine cannot run is refused by build_runner
 
 
 def _onnx_file_runner(spec: RunSpec) -> tuple[Runner, dict[str, str]]:
     from .deploy.ort import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(spec.path)
-    return runner, dict(runner.serial.get_modelmeta().custom_metadata_map)
-
-
-def _bf16(run: Runner) -> Runner:
-    """``run`` under bf16 autocast (oneDNN's native bf16 kernels on CPU), returning float32 logits."""
-    def wrapped(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return run(x).float()
-    return wrapped
+    return runner, runner.metadata
 
 
 def build_runner(model: nn.Module, spec: RunSpec, input_size: int) -> Runner:
     """The runner of a backend spec (files are opened by :func:`_onnx_file_runner`)."""
-    run = make_runner(model, spec.backend, input_size=(input_size, input_size))
-    return _bf16(run) if spec.precision == "bf16" else run
+    return make_runner(model, spec.backend, precision=spec.precision, input_size=(input_size, input_size))
 
 
 def _onnx_input_size(spec: RunSpec, meta: dict[str, str], num_classes: int) -> int | None:

@@ -10,6 +10,8 @@ import json
 import sys
 from typing import Any
 
+from ..deploy.runners import PRECISIONS
+
 MAX_SIDE = 4096  # an image side in pixels; larger would only exhaust memory (4096^2 x 64 channels is 4 GiB)
 
 
@@ -62,6 +64,14 @@ def add_input_size_arg(p: argparse.ArgumentParser, help: str, default: tuple[int
 def show_progress(args: argparse.Namespace) -> bool:
     """Progress bars: only on a terminal, never under --quiet."""
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    """--precision, shared by predict, eval, bench and serve."""
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32 (exact, default); bf16: CPUs with AVX512_BF16/AMX and GPUs; fp16: GPUs; int8: "
+                        "a file from 'hrnet quantize' passed as --checkpoint OUT.onnx (an .onnx checkpoint "
+                        "runs at the precision it was written in; --precision checks it)")
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help: str, examples: str) -> argparse.ArgumentParser:

@@ -8,8 +8,8 @@ from dataclasses import asdict
 from tqdm import tqdm
 
 from ..extras import require
-from ._common import (add_input_size_arg, add_output_args, add_parser, format_table, nonnegative_int, positive_int,
-                      print_json, show_progress)
+from ._common import (add_input_size_arg, add_output_args, add_parser, add_precision_arg, format_table, nonnegative_int,
+                      positive_int, print_json, show_progress)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,12 +18,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "bench", "measure images/s, latency p50/p90 and peak memory of each inference backend",
                    "  hrnet bench hrnet-w18\n"
                    "  hrnet bench hrnet-w18 --backend fused onnxruntime --batch-size 16 --threads 2\n"
-                   "  hrnet bench hrnet-w48 --checkpoint w48.pth --input-size 288 288 --json")
+                   "  hrnet bench hrnet-w48 --checkpoint w48.pth --input-size 288 288 --json\n"
+                   "  hrnet bench hrnet-w18 --precision bf16 --backend fused compile --batch-size 16\n"
+                   "  hrnet bench hrnet-w18 --checkpoint w18.int8.onnx   # an 'hrnet quantize' file, with onnxruntime")
     p.add_argument("name", metavar="NAME", help="model name or alias (see 'hrnet list')")
     p.add_argument("--checkpoint", metavar="PATH_OR_URL",
-                   help="weights to load (default: random weights; they do not change the speed)")
-    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS),
-                   help="backends to measure (default: all)")
+                   help="weights to load (default: random weights; they do not change the speed), or an .onnx "
+                        "file from 'hrnet export'/'hrnet quantize' to run with onnxruntime")
+    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
+                   help="backends to measure (default: all that run the precision; onnxruntime for an .onnx file)")
+    add_precision_arg(p)
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="default 1")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads per backend (default: the backend's own choice)")
@@ -38,21 +42,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..deploy.bench import bench
 
-    if "onnxruntime" in args.backend:  # before minutes of measuring the other backends
+    from ..deploy import BACKENDS
+
+    backends = args.backend
+    if backends is None:
+        onnx_file = args.checkpoint is not None and args.checkpoint.lower().endswith(".onnx")
+        reduced = args.precision not in (None, "fp32")
+        backends = ["onnxruntime"] if onnx_file else [b for b in BACKENDS if not (reduced and b == "onnxruntime")]
+    if "onnxruntime" in backends:  # before minutes of measuring the other backends
         require("onnx", "hrnet bench --backend onnxruntime")
     results = []
-    for backend in tqdm(args.backend, desc="backends", disable=not show_progress(args)):
+    for backend in tqdm(backends, desc="backends", disable=not show_progress(args)):
         results.append(bench(args.name, backend, checkpoint=args.checkpoint, batch_size=args.batch_size,
                              input_size=tuple(args.input_size), threads=args.threads, iters=args.iters,
-                             warmup=args.warmup))
+                             warmup=args.warmup, precision=args.precision))
     if args.json:
         print_json([asdict(r) for r in results])
         return 0
     base = results[0].images_per_s
-    rows = [[r.backend, f"{r.images_per_s:.2f}", f"{r.images_per_s / base:.2f}x", f"{r.latency_ms_p50:.1f}",
+    rows = [[r.label, f"{r.images_per_s:.2f}", f"{r.images_per_s / base:.2f}x", f"{r.latency_ms_p50:.1f}",
              f"{r.latency_ms_p90:.1f}", "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}", f"{r.setup_s:.1f}"]
             for r in results]
     print(f"{args.name}, batch {args.batch_size}, input {args.input_size[0]}x{args.input_size[1]}")
-    print(format_table(rows, ["backend", "images/s", f"vs {results[0].backend}", "p50 ms", "p90 ms",
+    print(format_table(rows, ["backend", "images/s", f"vs {results[0].label}", "p50 ms", "p90 ms",
                               "peak RSS MiB", "setup s"]))
     return 0

@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet eval hrnet-w18 --data /data/imagenet/val          # wnid folders\n"
                    "  hrnet eval hrnet-w18 --data /data/val --ann-file val.txt  # 'relative/path label' lines\n"
                    "  hrnet eval hrnet-w48-ssld --data val --per-class --json --backend fused\n"
+                   "  hrnet eval hrnet-w18 --data val --backend compile --precision bf16\n"
+                   "  hrnet eval hrnet-w18 --checkpoint w18.int8.onnx --data val   # from 'hrnet quantize'\n"
                    "  torchrun --nproc-per-node 8 -m hrnet eval hrnet-w18 --data /data/imagenet/val")
     add_model_args(p)
     p.add_argument("--data", required=True, metavar="DIR",
@@ -39,7 +41,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, workers=args.workers, device=args.device,
                           input_size=args.input_size, crop_pct=args.crop_pct, per_class=args.per_class,
                           strict=args.strict, progress=show_progress(args), backend=args.backend,
-                          exclude_unknown=args.exclude_unknown)
+                          precision=args.precision, exclude_unknown=args.exclude_unknown)
     finally:
         cleanup()
     if not info.is_main:

@@ -9,8 +9,8 @@ import sys
 from ..data.decode import display_path
 from ..deploy import BACKENDS
 from ..errors import UsageError
-from ._common import (add_model_args, add_output_args, add_parser, crop_fraction, crop_size, positive_int,
-                      print_json, show_progress, worker_count)
+from ._common import (add_model_args, add_output_args, add_parser, add_precision_arg, crop_fraction, crop_size,
+                      positive_int, print_json, show_progress, worker_count)
 
 
 def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
@@ -25,9 +25,11 @@ def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
                    help="crop / resized short edge (default: the record's, 224/256); the short edge "
                         "becomes floor(input_size / crop_pct)")
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
-    p.add_argument("--backend", choices=BACKENDS, default="eager",
+    p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="eager: the model as built; fused: BN folded, channels-last; compile: torch.compile of "
-                        "the fused model; onnxruntime: needs hrnet[onnx] (default eager)")
+                        "the fused model; onnxruntime: needs hrnet[onnx] (default eager; onnxruntime for an "
+                        ".onnx --checkpoint)")
+    add_precision_arg(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet predict hrnet-w48-ssld photo.jpg 'shots/**/*.png' --topk 3\n"
                    "  hrnet predict hrnet-w18 --checkpoint my.safetensors img.jpg --json\n"
                    "  hrnet predict hrnet-w18 photos/ --backend onnxruntime --batch-size 32\n"
+                   "  hrnet predict hrnet-w18 photos/ --backend fused --precision bf16\n"
+                   "  hrnet predict hrnet-w18 --checkpoint w18.int8.onnx photos/   # from 'hrnet quantize'\n"
                    "  hrnet predict hrnet-w18 /data/photos --output preds.jsonl            # one JSON line per file\n"
                    "  hrnet predict hrnet-w18 /data/photos --output preds.jsonl --resume   # after an interruption\n"
                    "  torchrun --nproc-per-node 8 -m hrnet predict hrnet-w18 /data/photos --output preds.jsonl")
@@ -65,7 +69,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records = predict(args.name, args.inputs, topk=args.topk, checkpoint=args.checkpoint,
                       batch_size=args.batch_size, workers=args.workers, device=args.device,
                       input_size=args.input_size, crop_pct=args.crop_pct, strict=args.strict,
-                      progress=show_progress(args), backend=args.backend)
+                      progress=show_progress(args), backend=args.backend, precision=args.precision)
     if args.json:
         print_json(records)
     for r in records:

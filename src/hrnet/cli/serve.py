@@ -11,8 +11,8 @@ from dataclasses import asdict
 
 from ..deploy import BACKENDS
 from ..errors import HRNetError
-from ._common import (add_model_args, add_output_args, add_parser, crop_fraction, crop_size, integer_arg, positive_int,
-                      show_progress)
+from ._common import (add_model_args, add_output_args, add_parser, add_precision_arg, crop_fraction, crop_size,
+                      integer_arg, positive_int, show_progress)
 
 
 class ServeError(HRNetError):
@@ -24,10 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet serve hrnet-w18                     # http://127.0.0.1:8000/\n"
                    "  hrnet serve hrnet-w18 --checkpoint my.safetensors --port 9000\n"
                    "  hrnet serve hrnet-w48-ssld --host 0.0.0.0 --max-batch 32 --max-wait-ms 10 --workers 2\n"
+                   "  hrnet serve hrnet-w18 --checkpoint w18.int8.onnx      # int8, from 'hrnet quantize'\n"
+                   "  hrnet serve hrnet-w18 --backend compile --precision bf16\n"
                    "  curl --data-binary @cat.jpg 'http://127.0.0.1:8000/v1/classify?top_k=3'")
     add_model_args(p)
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                   help="inference backend (default onnxruntime, the fastest on CPU; see 'hrnet bench')")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="inference backend (default onnxruntime, the fastest fp32 on CPU; fused for bf16/fp16; "
+                        "see 'hrnet bench')")
+    add_precision_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=lambda t: integer_arg(t, 0, 65535), default=8000, help="default 8000 (0: any free port)")
     p.add_argument("--max-batch", type=positive_int, default=16, metavar="N", help="images per model call (default 16)")
@@ -51,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..serve.app import ENV_VAR, ServeConfig, build_classifier, config_env, create_app
+        from ..serve.app import ENV_VAR, ServeConfig, build_classifier, config_env, create_app, default_backend
     except ImportError as e:
         raise ServeError(f"hrnet serve needs the serving extra ({e.name} is missing): "
                          "pip install 'hrnet[serve]'") from None
@@ -62,8 +66,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ServeError(f"invalid server options: {e}") from None
     if args.workers < 1:
         raise ServeError(f"--workers must be at least 1, got {args.workers}")
-    build = {"backend": args.backend, "checkpoint": args.checkpoint, "device": args.device,
-             "input_size": args.input_size, "crop_pct": args.crop_pct}
+    args.backend = args.backend or default_backend(args.precision)
+    build = {"backend": args.backend, "precision": args.precision, "checkpoint": args.checkpoint,
+             "device": args.device, "input_size": args.input_size, "crop_pct": args.crop_pct}
     options = {"host": args.host, "port": args.port, "log_level": "warning" if args.quiet else "info",
                "access_log": False, "timeout_graceful_shutdown": 60, "proxy_headers": False,
                # bounds the connections (each may hold a body up to the limit); uvicorn answers 503 beyond
@@ -91,9 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _announce(args: argparse.Namespace, config) -> None:
     url = f"http://{args.host}:{args.port}"
     if args.json:
-        print(json.dumps({"url": url, "name": args.name, "backend": args.backend, "workers": args.workers,
+        print(json.dumps({"url": url, "name": args.name, "backend": args.backend, "precision": args.precision,
+                          "workers": args.workers,
                           "pid": os.getpid(), **asdict(config)}), flush=True)
     elif not args.quiet:
-        print(f"hrnet: serving {args.name} ({args.backend}, batches up to {args.max_batch}, "
+        precision = f" {args.precision}" if args.precision else ""
+        print(f"hrnet: serving {args.name} ({args.backend}{precision}, batches up to {args.max_batch}, "
               f"{args.workers} worker{'s' * (args.workers > 1)}) at {url}/  (POST {url}/v1/classify)",
               file=sys.stderr, flush=True)

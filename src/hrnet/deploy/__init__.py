@@ -3,9 +3,9 @@
 from .export import ExportError, export_metadata, export_onnx, export_pt2, load_pt2
 from .fold import fuse_model
 from .ort import BackendError, OnnxRuntimeRunner
-from .runners import BACKENDS, Runner, make_runner
+from .runners import BACKENDS, PRECISIONS, PrecisionWarning, Runner, make_runner, native_bf16_cpu
 
 __all__ = [
-    "BACKENDS", "BackendError", "ExportError", "OnnxRuntimeRunner", "Runner", "export_metadata", "export_onnx",
-    "export_pt2", "fuse_model", "load_pt2", "make_runner",
+    "BACKENDS", "PRECISIONS", "BackendError", "ExportError", "OnnxRuntimeRunner", "PrecisionWarning", "Runner",
+    "export_metadata", "export_onnx", "export_pt2", "fuse_model", "load_pt2", "make_runner", "native_bf16_cpu",
 ]

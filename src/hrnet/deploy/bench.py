@@ -36,6 +36,12 @@ class BenchResult:
     latency_ms_p90: float
     peak_rss_mb: float | None  # None where the platform cannot reset the peak (non-Linux)
     setup_s: float  # building the runner: fusing, exporting, compiling, first run
+    precision: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        """``backend`` or ``backend:precision``, as ``hrnet compare`` names a run."""
+        return self.backend if self.precision == "fp32" else f"{self.backend}:{self.precision}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,10 +89,11 @@ def peak_rss_mb() -> float:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
 
 
-def summarize(backend: str, batch_size: int, times: list[float], setup_s: float, rss: float | None) -> BenchResult:
+def summarize(backend: str, batch_size: int, times: list[float], setup_s: float, rss: float | None,
+              precision: str = "fp32") -> BenchResult:
     return BenchResult(backend=backend, batch_size=batch_size, images_per_s=batch_size * len(times) / sum(times),
                        latency_ms_p50=1e3 * statistics.median(times), latency_ms_p90=1e3 * percentile(times, 90),
-                       peak_rss_mb=rss, setup_s=setup_s)
+                       peak_rss_mb=rss, setup_s=setup_s, precision=precision)
 
 
 def check_options(*, batch_size: int, input_size: tuple[int, int], threads: int | None, iters: int,
@@ -108,16 +115,18 @@ def check_options(*, batch_size: int, input_size: tuple[int, int], threads: int 
 
 def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_size: int = 1,
                input_size: tuple[int, int] = (224, 224), threads: int | None = None, iters: int = 20,
-               warmup: int = 3, onnx: str | None = None) -> BenchResult:
-    """Measure one backend in this process (see :func:`bench` for the fresh-process version).
+               warmup: int = 3, onnx: str | None = None, precision: str | None = None) -> BenchResult:
+    """Measure one backend at ``precision`` (default fp32) in this process (see :func:`bench` for the
+    fresh-process version).
 
     Without ``checkpoint`` the model keeps its random initialisation: the weights' values do not
-    change the amount of work. ``onnx``: serve this exported file (onnxruntime backend) instead of
-    exporting here, as a deployment would. Out-of-range counts or sizes raise UsageError before
+    change the amount of work. ``onnx``: serve this exported or quantized file (onnxruntime backend)
+    instead of exporting here, as a deployment would; ``precision`` then checks the file's, and its
+    recorded input size replaces ``input_size``. Out-of-range counts or sizes raise UsageError before
     anything is built.
     """
     from ..builder import create_model
-    from .ort import OnnxRuntimeRunner
+    from .ort import OnnxRuntimeRunner, check_file_precision
     from .runners import make_runner
 
     check_options(batch_size=batch_size, input_size=input_size, threads=threads, iters=iters, warmup=warmup)
@@ -127,29 +136,49 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
     start = time.perf_counter()
     if onnx is not None:
         run = OnnxRuntimeRunner(onnx, threads)
+        precision = check_file_precision(onnx, run.metadata, precision)
+        if "hrnet.input_size" in run.metadata:
+            input_size = tuple(json.loads(run.metadata["hrnet.input_size"]))
     else:
+        precision = precision or "fp32"
         model = create_model(name, checkpoint=checkpoint).eval()
-        run = make_runner(model, backend, input_size=input_size, threads=threads)
+        run = make_runner(model, backend, precision=precision, input_size=input_size, threads=threads)
         del model  # serve from the runner alone, as a deployment would
     x = torch.randn(batch_size, 3, *input_size)
     run(x)
     setup_s = time.perf_counter() - start
     resettable = reset_peak_rss()
     times = time_calls(lambda: run(x), iters, warmup)
-    return summarize(backend, batch_size, times, setup_s, peak_rss_mb() if resettable else None)
+    return summarize(backend, batch_size, times, setup_s, peak_rss_mb() if resettable else None, precision)
 
 
 def bench(name: str, backend: str, **kwargs) -> BenchResult:
     """:func:`bench_here` in a fresh Python process, so peak memory is this backend's alone.
 
     For onnxruntime the model is exported here first, so the exporter's own memory (it imports a
-    compiler stack) does not count against serving; ``setup_s`` then includes the export.
+    compiler stack) does not count against serving; ``setup_s`` then includes the export. A
+    ``checkpoint`` ending in ``.onnx`` is served as it is (``hrnet quantize`` files: int8).
     """
     options = {k: p.default for k, p in inspect.signature(bench_here).parameters.items()}
     check_options(**{k: kwargs.get(k, options[k]) for k in ("batch_size", "input_size", "threads", "iters", "warmup")})
+    checkpoint = kwargs.get("checkpoint")
+    if checkpoint is not None and str(checkpoint).lower().endswith(".onnx"):
+        if backend != "onnxruntime":
+            raise HRNetError(f"{checkpoint}: an ONNX file runs with the onnxruntime backend, not {backend}")
+        kwargs = {**kwargs, "checkpoint": None, "onnx": str(checkpoint)}
+    # refuse unavailable combinations here, in one line, not as the last line of a child's traceback
+    if kwargs.get("onnx") is not None:
+        from .ort import check_file_precision, ort_session
+
+        meta = dict(ort_session(kwargs["onnx"], 1).get_modelmeta().custom_metadata_map)
+        check_file_precision(kwargs["onnx"], meta, kwargs.get("precision"))
+    else:
+        from .runners import check_precision
+
+        check_precision(kwargs.get("precision") or "fp32", backend, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        if backend == "onnxruntime":
+        if backend == "onnxruntime" and kwargs.get("onnx") is None:
             from ..builder import create_model
             from .export import export_onnx
 

@@ -23,6 +23,17 @@ class BackendError(HRNetError):
     """An unknown backend, or one whose optional dependency is missing."""
 
 
+def check_file_precision(path: str | os.PathLike, meta: dict[str, str], precision: str | None) -> str:
+    """The precision an ONNX file was written in (``hrnet.precision``, fp32 when absent); raise a one-line
+    error if the user asked for another (None asks nothing): a file runs as it was written."""
+    written = meta.get("hrnet.precision", "fp32")
+    if precision not in (None, written):
+        hint = " (make one with 'hrnet quantize')" if precision == "int8" else ""
+        raise BackendError(f"{path}: --precision {precision} does not match this {written} file{hint}; an ONNX "
+                           "file runs at the precision it was written in")
+    return written
+
+
 def import_onnxruntime():
     """onnxruntime, or a one-line error saying how to get it (it is an optional extra)."""
     try:
@@ -65,6 +76,11 @@ class OnnxRuntimeRunner:
         self.pool = ThreadPoolExecutor(self.threads)
         self._multi = None
         self.owned_dir: tempfile.TemporaryDirectory | None = None  # deleted with the runner
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The file's custom metadata: ``hrnet.*`` keys in files written by hrnet export/quantize."""
+        return dict(self.serial.get_modelmeta().custom_metadata_map)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         images = x.detach().float().cpu().contiguous().numpy()

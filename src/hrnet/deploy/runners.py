@@ -1,13 +1,18 @@
-"""Inference backends behind one call: ``make_runner(model, backend)(images) -> logits``.
+"""Inference backends behind one call: ``make_runner(model, backend, precision=...)(images) -> logits``.
 
 Every runner takes a float32 NCHW batch (CPU or GPU) and returns the logits as a float32 tensor on
-the same device, so ``predict``/``eval`` and user code switch backends without other changes.
+the same device, so ``predict``/``eval`` and user code switch backends and precisions without other
+changes. Precision is orthogonal to the backend: bf16 runs oneDNN's native kernels on CPUs with
+AVX512_BF16/AMX, bf16/fp16 run autocast on GPUs; int8 comes only from an ``hrnet quantize`` file.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +30,48 @@ BACKENDS: tuple[str, ...] = ("eager", "fused", "compile", "onnxruntime")
 compile: the fused copy through torch.compile (inductor, frozen weights); onnxruntime: the fused copy
 exported to ONNX and run by onnxruntime (needs the ``hrnet[onnx]`` extra)."""
 
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
+"""fp32: exact; bf16: CPUs with AVX512_BF16/AMX and GPUs; fp16: GPUs; int8: an ``hrnet quantize`` ONNX file."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZE_HINT = ("int8 runs from a quantized ONNX file: run 'hrnet quantize NAME --calib DIR -o OUT.onnx' and pass "
+                 "OUT.onnx as --checkpoint")
+
+
+class PrecisionWarning(UserWarning):
+    """A precision that runs, but without the hardware support that makes it fast."""
+
+
+@functools.cache
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag of
+    /proc/cpuinfo). oneDNN emulates bf16 on other AVX-512 CPUs, slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read(1 << 20).split())
+    except OSError:  # not Linux: no way to tell, so no promise either
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def check_precision(precision: str, backend: str, device: str) -> None:
+    """Raise a one-line BackendError unless ``backend`` can run ``precision`` on ``device`` ("cpu",
+    "cuda"...); warn (PrecisionWarning) where it runs without native support."""
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "int8":
+        raise BackendError(QUANTIZE_HINT)
+    if precision == "fp32":
+        return
+    if backend == "onnxruntime":
+        raise BackendError(f"{precision} is not available with the onnxruntime backend (it runs fp32 models and "
+                           f"int8 files); use --backend fused or compile for {precision}")
+    if device == "cpu" and precision == "fp16":
+        raise BackendError("fp16 needs a GPU (it is the GPU path; PyTorch's CPU fp16 convolutions are no faster "
+                           "than fp32); on CPU use bf16 (AVX512_BF16/AMX) or int8 ('hrnet quantize')")
+    if device == "cpu" and not native_bf16_cpu():
+        warnings.warn("this CPU has no native bf16 (AVX512_BF16 or AMX): bf16 runs emulated, slower than fp32; "
+                      "int8 ('hrnet quantize') is the fast path here", PrecisionWarning, stacklevel=3)
+
 
 def _eager(model: nn.Module) -> Runner:
     model.eval()
@@ -33,6 +80,29 @@ def _eager(model: nn.Module) -> Runner:
         with torch.inference_mode():
             return model(x)
     return run
+
+
+def _autocast(run: Runner, dtype: torch.dtype) -> Runner:
+    """``run`` under autocast to ``dtype`` (convolutions and matmuls in ``dtype``), float32 logits out."""
+    def wrapped(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=dtype):
+            return run(x).float()
+    return wrapped
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A ``dtype`` channels_last copy of the fused model (the caller's model is never modified)."""
+    fused = _fused(model)
+    if fused is model:
+        fused = copy.deepcopy(model)
+    return fused.to(dtype=dtype, memory_format=torch.channels_last)
+
+
+def _cast_input(run: Runner, dtype: torch.dtype) -> Runner:
+    """``run`` of a ``dtype`` model: the float32 batch is cast on the way in, the logits back to float32."""
+    def wrapped(x: torch.Tensor) -> torch.Tensor:
+        return run(x.to(dtype)).float()
+    return wrapped
 
 
 def _fused(model: nn.Module) -> nn.Module:
@@ -50,14 +120,16 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _compile(model: nn.Module, input_size: tuple[int, int]) -> Runner:
+def _compile(model: nn.Module, input_size: tuple[int, int], wrap: Callable[[Runner], Runner] = lambda r: r) -> Runner:
+    """torch.compile of the fused model (or of ``model`` if it is already folded); ``wrap`` adds a
+    precision around the compiled call, and the warm-up compiles through it."""
     fused = _fused(model)
     # freezing folds the (already BN-folded) weights into constants and lets inductor pick
     # oneDNN's weight-prepacked convolutions; it only applies under no_grad/inference_mode.
     compiled = torch.compile(fused, options={"freezing": True}, dynamic=False)
     if _device(fused).type == "cpu":  # inductor looks for a CUDA toolkit and warns when it finds none
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    run = _channels_last(compiled)
+    run = wrap(_channels_last(compiled))
     run(torch.zeros(1, 3, *input_size, device=_device(fused)))  # compile now, not on the first real batch
     return run
 
@@ -71,22 +143,45 @@ def _onnxruntime(model: nn.Module, input_size: tuple[int, int], threads: int | N
     return runner
 
 
-def make_runner(model: nn.Module, backend: str = "eager", *, input_size: tuple[int, int] = (224, 224),
-                threads: int | None = None) -> Runner:
-    """A callable mapping a float32 NCHW image batch to logits with ``backend`` (one of BACKENDS).
+def _reduced(model: nn.Module, backend: str, dtype: torch.dtype, input_size: tuple[int, int]) -> Runner:
+    """bf16/fp16 runners. ``eager``: autocast over the model as built. CPU ``fused``/``compile``: a
+    copy of the fused model with its weights cast to ``dtype`` in channels_last, run without autocast
+    (oneDNN's native avx512_core_bf16 convolutions either way; autocast re-casts every weight on every
+    call, and was no faster in rough probes). GPU: autocast over the fused channels_last model."""
+    if backend == "eager":
+        return _autocast(_eager(model), dtype)
+    if next(model.parameters()).device.type == "cpu":
+        cast = _cast(model, dtype)
+        if backend == "fused":
+            return _cast_input(_channels_last(cast), dtype)
+        return _compile(cast, input_size, lambda run: _cast_input(run, dtype))
+    if backend == "fused":
+        return _autocast(_channels_last(_fused(model)), dtype)
+    return _compile(model, input_size, lambda run: _autocast(run, dtype))
+
+
+def make_runner(model: nn.Module, backend: str = "eager", *, precision: str = "fp32",
+                input_size: tuple[int, int] = (224, 224), threads: int | None = None) -> Runner:
+    """A callable mapping a float32 NCHW image batch to float32 logits with ``backend`` (one of
+    BACKENDS) at ``precision`` (one of PRECISIONS).
 
     ``model`` is an eval-ready :class:`~hrnet.models.hrnet.HRNet` classifier (for ``eager``, any
     module). ``input_size`` is the (H, W) the ``compile`` backend is warmed up on and the
     ``onnxruntime`` graph is exported for. ``threads`` sets how many cores onnxruntime uses
     (default: all); the PyTorch backends follow ``torch.set_num_threads``. The model itself is never
-    modified: the optimised backends work on a fused copy.
+    modified: the optimised backends work on a fused copy. ``bf16``/``fp16`` run the PyTorch
+    backends in that dtype (see :func:`check_precision` for what is refused or warned about); int8
+    is a quantized file, run by :class:`~hrnet.deploy.ort.OnnxRuntimeRunner`, not a model here.
     """
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_precision(precision, backend, next(model.parameters()).device.type)
+    if precision != "fp32":
+        return _reduced(model, backend, DTYPES[precision], input_size)
     if backend == "eager":
         return _eager(model)
     if backend == "fused":
         return _channels_last(_fused(model))
     if backend == "compile":
         return _compile(model, input_size)
-    if backend == "onnxruntime":
-        return _onnxruntime(model, input_size, threads)
-    raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    return _onnxruntime(model, input_size, threads)

@@ -21,18 +21,21 @@ def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLi
              checkpoint: PathLike | None = None, batch_size: int = 32, workers: int | None = None,
              device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
              per_class: bool = False, strict: bool = False, progress: bool = False,
-             backend: str = "eager", exclude_unknown: bool = False) -> dict:
+             backend: str | None = None, precision: str | None = None, exclude_unknown: bool = False) -> dict:
     """Evaluate on ``data`` (ImageNet wnid folders, class folders, or ``ann_file`` lines).
 
     Returns ``{"top1", "top5", "n", "skipped": [{"file", "error"}], "images_per_s"}`` with accuracies in
     percent over the ``n`` images evaluated, plus ``"per_class": [{"index", "label", "n", "top1",
     "top5"}]`` (classes present in the data) when ``per_class``. Joins the torchrun job if there is one.
-    ``backend`` is one of :data:`hrnet.deploy.BACKENDS`. ``exclude_unknown`` evaluates only the wnid
+    ``backend`` is one of :data:`hrnet.deploy.BACKENDS`, ``precision`` one of
+    :data:`hrnet.deploy.PRECISIONS`; a ``checkpoint`` ending in ``.onnx`` runs with onnxruntime (see
+    :meth:`~hrnet.inference.predict.Classifier.build`). ``exclude_unknown`` evaluates only the wnid
     folders of an ImageNet tree that also holds others (listed under ``"excluded"``) instead of refusing it.
     """
     info = init_distributed(device)
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=info.device, input_size=input_size,
-                           crop_pct=crop_pct, backend=backend, progress=progress and info.is_main)
+                           crop_pct=crop_pct, backend=backend, precision=precision,
+                           progress=progress and info.is_main)
     dataset = ImageDataset(data, ann_file=ann_file, transform=clf.transform, exclude_unknown=exclude_unknown)
     num_classes = len(clf.labels)
     top_label = max(label for _, label in dataset.samples)
@@ -41,7 +44,7 @@ def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLi
                            f"{num_classes} classes")
     k = min(5, num_classes)
     # per class: [images, top-1 hits, top-k hits]; summed over ranks at the end
-    counts = torch.zeros(num_classes, 3, dtype=torch.long, device=info.device)
+    counts = torch.zeros(num_classes, 3, dtype=torch.long, device=clf.device)  # cpu for an ONNX file
     skipped = []
     start = time.perf_counter()
     for batch in clf.batches(shard(dataset, info.rank, info.world_size), batch_size, workers, strict=strict,
@@ -49,7 +52,7 @@ def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLi
         skipped += [{"file": f.file, "error": f.error} for f in batch.failed]
         if not len(batch.indices):
             continue
-        labels = batch.labels.to(info.device)
+        labels = batch.labels.to(clf.device)
         top = clf.logits(batch.images).topk(k, dim=1).indices
         hits = torch.stack([torch.ones_like(labels), top[:, 0] == labels, (top == labels[:, None]).any(1)], 1)
         counts.index_add_(0, labels, hits.long())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -15,15 +16,47 @@ from ..data import (Batch, EvalTransform, ImageList, ImageReadError, class_names
                     inference_loader)
 from ..deploy import Runner, make_runner
 from ..distributed import default_device
+from ..errors import UsageError
+from ..models import EvalConfig, resolve
 
 PathLike = str | os.PathLike
+
+
+def is_onnx_file(checkpoint: PathLike | None) -> bool:
+    """Whether ``checkpoint`` names an ONNX file (run by onnxruntime) rather than weights for a model."""
+    return checkpoint is not None and os.fspath(checkpoint).lower().endswith(".onnx")
+
+
+def _onnx_config(path: PathLike, meta: dict[str, str], name: str) -> tuple[EvalConfig, int, int]:
+    """The evaluation pipeline, the graph's (square) input size and the class count an hrnet ONNX file
+    carries (``hrnet export``/``quantize`` metadata), checked against the model ``name`` the user gave.
+    The input size may differ from the pipeline's crop (exported with ``--input-size``): the crop then
+    follows it at the pipeline's crop_pct, as ``--input-size`` does for a model."""
+    record = resolve(name)  # an unknown name fails as it would without the file
+    if "hrnet.num_classes" not in meta or "hrnet.input_size" not in meta:
+        raise UsageError(f"{path}: not an ONNX file written by hrnet export or hrnet quantize "
+                         "(no hrnet.* metadata: input size, preprocessing and classes are unknown)")
+    if meta.get("hrnet.model", record.name) != record.name:
+        raise UsageError(f"{path}: the file holds {meta['hrnet.model']}, not {record.name}")
+    prefix = "hrnet.preprocess."
+    try:
+        values = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
+        values = {k: v if k == "interpolation" else json.loads(v) for k, v in values.items()}
+        cfg = EvalConfig.from_dict(values)
+        h, w = json.loads(meta["hrnet.input_size"])
+        num_classes = int(meta["hrnet.num_classes"])
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{path}: unreadable hrnet metadata ({e})") from None
+    if h != w:
+        raise UsageError(f"{path}: the graph's input is {h}x{w}; a centre crop is square")
+    return cfg, h, num_classes
 
 
 @dataclass
 class Classifier:
     """A model ready for inference: where batches go, how images are prepared, what outputs mean."""
 
-    model: nn.Module
+    model: nn.Module | None  # None for an ONNX file: onnxruntime holds the weights
     device: str
     transform: EvalTransform
     labels: list[str]
@@ -31,14 +64,27 @@ class Classifier:
 
     @classmethod
     def build(cls, model_or_name: nn.Module | str, *, checkpoint: PathLike | None = None,
-              device: str | None = None, input_size: int | None = None,
-              crop_pct: float | None = None, backend: str = "eager", progress: bool = False) -> Classifier:
+              device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
+              backend: str | None = None, precision: str | None = None, threads: int | None = None,
+              progress: bool = False) -> Classifier:
         """A model object as is, or a zoo name with ``checkpoint`` (else its published weights, with a
-        download bar if ``progress``), run by ``backend`` (see :data:`hrnet.deploy.BACKENDS`)."""
+        download bar if ``progress``), run by ``backend`` (see :data:`hrnet.deploy.BACKENDS`, default
+        eager) at ``precision`` (:data:`hrnet.deploy.PRECISIONS`, default fp32).
+
+        A ``checkpoint`` ending in ``.onnx`` (``hrnet export`` or ``hrnet quantize``) runs with
+        onnxruntime on CPU, with the input size, preprocessing and classes its metadata records;
+        ``precision`` then checks the file (``int8`` insists on a quantized file). ``threads``: CPU
+        threads for the model (``torch.set_num_threads``, and onnxruntime's sessions).
+        """
+        if threads:
+            torch.set_num_threads(threads)
         if isinstance(model_or_name, nn.Module):
             if checkpoint is not None:
                 raise TypeError("checkpoint applies to a model name, not to a built model")
             model = model_or_name
+        elif is_onnx_file(checkpoint):
+            return cls._from_onnx(model_or_name, checkpoint, input_size=input_size,
+                                  crop_pct=crop_pct, backend=backend, precision=precision, threads=threads)
         else:
             from ..builder import create_model
 
@@ -47,8 +93,34 @@ class Classifier:
         device = device or default_device()
         model = model.to(device).eval()
         transform = eval_transform(model, input_size, crop_pct)
-        runner = make_runner(model, backend, input_size=(transform.input_size, transform.input_size))
+        runner = make_runner(model, backend or "eager", precision=precision or "fp32", threads=threads,
+                             input_size=(transform.input_size, transform.input_size))
         return cls(model, device, transform, class_names(model.num_classes), runner)
+
+    @classmethod
+    def _from_onnx(cls, name: str, path: PathLike, *, input_size: int | None,
+                   crop_pct: float | None, backend: str | None, precision: str | None,
+                   threads: int | None) -> Classifier:
+        """An hrnet ONNX file run by onnxruntime on the CPU (whatever the device); options that cannot
+        apply to it are refused."""
+        from ..deploy.ort import OnnxRuntimeRunner, check_file_precision, import_onnxruntime
+
+        if backend not in (None, "onnxruntime"):
+            raise UsageError(f"{path}: an ONNX file runs with the onnxruntime backend, not {backend}")
+        if not os.path.isfile(path):
+            raise UsageError(f"{path}: ONNX file not found")
+        import_onnxruntime()  # a missing extra is its own one-line error
+        try:
+            runner = OnnxRuntimeRunner(path, threads)
+        except Exception as e:  # onnxruntime raises its own types for a damaged file
+            raise UsageError(f"{path}: onnxruntime cannot load it ({type(e).__name__})") from None
+        meta = runner.metadata
+        cfg, size, num_classes = _onnx_config(path, meta, name)
+        check_file_precision(path, meta, precision)
+        if input_size not in (None, size):
+            raise UsageError(f"{path}: the file takes {size}x{size} images, not --input-size {input_size}")
+        transform = eval_transform(cfg, size, crop_pct)
+        return cls(None, "cpu", transform, class_names(num_classes), runner)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.runner(images.to(self.device, non_blocking=True)).float()
@@ -103,18 +175,21 @@ def topk_records(probs: torch.Tensor, labels: list[str], k: int) -> list[list[di
 def predict(model_or_name: nn.Module | str, inputs: PathLike | Iterable[PathLike], *, topk: int = 5,
             checkpoint: PathLike | None = None, batch_size: int = 16, workers: int | None = None,
             device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
-            strict: bool = False, progress: bool = False, backend: str = "eager") -> list[dict]:
+            strict: bool = False, progress: bool = False, backend: str | None = None,
+            precision: str | None = None) -> list[dict]:
     """Classify every image in ``inputs`` (files, directories, globs).
 
     Returns one record per file, in input order: ``{"file", "topk": [{"index", "label", "score"}]}``
     with softmax probabilities, or ``{"file", "error"}`` for a file that could not be read (raised
     instead when ``strict``). Inputs that match nothing come last as error records. ``backend`` is
-    one of :data:`hrnet.deploy.BACKENDS` (``eager``, ``fused``, ``compile``, ``onnxruntime``).
+    one of :data:`hrnet.deploy.BACKENDS` (``eager``, ``fused``, ``compile``, ``onnxruntime``),
+    ``precision`` one of :data:`hrnet.deploy.PRECISIONS`; a ``checkpoint`` ending in ``.onnx`` runs
+    with onnxruntime (see :meth:`Classifier.build`).
     """
     if topk < 1:
         raise ValueError("topk must be at least 1")
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=device, input_size=input_size,
-                           crop_pct=crop_pct, backend=backend, progress=progress)
+                           crop_pct=crop_pct, backend=backend, precision=precision, progress=progress)
     files, missing = expand_inputs(inputs)
     if strict and missing:
         raise ImageReadError(missing[0]["error"])

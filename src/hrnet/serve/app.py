@@ -181,6 +181,8 @@ class Server:
         (``class_index`` picks the class to explain, default the top one)."""
         from ..inference.cam import explain
 
+        if self.clf.model is None:
+            raise RequestError(501, "unavailable", "Grad-CAM needs the PyTorch model; this server runs an ONNX file")
         n = len(self.clf.labels)
         c = request.query_params.get("class_index")
         c = None if c is None else parse_int(c, 0, n - 1, "class_index")
@@ -264,8 +266,9 @@ def _json(obj: dict) -> Callable[[Request], Awaitable[Response]]:
 def create_app(model: Classifier | nn.Module | str, *, name: str | None = None, config: ServeConfig | None = None,
                **build) -> Starlette:
     """The serving app for ``model``: a :class:`~hrnet.inference.predict.Classifier`, or a model object or
-    zoo name built by :func:`build_classifier` (``checkpoint``, ``backend`` (default onnxruntime),
-    ``input_size``...). ``name`` is the v2 model name (default: the zoo record's name).
+    zoo name built by :func:`build_classifier` (``checkpoint`` (an ``.onnx`` file runs as it is),
+    ``backend`` (default onnxruntime; fused for bf16/fp16), ``precision``, ``threads``, ``input_size``...). ``name`` is the
+    v2 model name (default: the zoo record's name).
 
     Mount it in your own Starlette/FastAPI app (``app.mount("/hrnet", create_app(...))``) or run it
     with uvicorn. The batcher starts with the first request, so mounting needs no lifespan hook.
@@ -311,18 +314,17 @@ def app_from_env() -> Starlette:
     return create_app(build_classifier(spec.pop("name"), **spec), config=config)
 
 
-def build_classifier(model: nn.Module | str, *, backend: str = "onnxruntime", threads: int | None = None,
-                     **build) -> Classifier:
-    """``Classifier.build`` with the runner's thread count set (``--workers`` share the cores)."""
-    from ..deploy import make_runner
+def default_backend(precision: str | None) -> str:
+    """Serving's backend unless one is named: onnxruntime, the fastest fp32 on CPU (and the runner of
+    .onnx files), or ``fused`` for bf16/fp16, which onnxruntime does not run."""
+    return "fused" if precision in ("bf16", "fp16") else "onnxruntime"
 
-    if threads:
-        torch.set_num_threads(threads)
-    clf = Classifier.build(model, backend="eager", **build)
-    if backend != "eager":
-        size = clf.transform.input_size
-        clf.runner = make_runner(clf.model, backend, input_size=(size, size), threads=threads)
-    return clf
+
+def build_classifier(model: nn.Module | str, *, backend: str | None = None, precision: str | None = None,
+                     **build) -> Classifier:
+    """``Classifier.build`` with serving's :func:`default_backend` (``threads``, an ``.onnx``
+    ``checkpoint``... as there)."""
+    return Classifier.build(model, backend=backend or default_backend(precision), precision=precision, **build)
 
 
 def config_env(name: str, config: ServeConfig, **build) -> str:
