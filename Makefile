@@ -2,7 +2,8 @@
 # constraints.txt pins the torch/torchvision builds these machines carry on local disk.
 PYTHON ?= python3
 VENV := .venv
-PIP := $(VENV)/bin/pip -q --disable-pip-version-check --no-input
+# -qq: pip's errors only (no warnings about this machine's package mirrors)
+PIP := $(VENV)/bin/pip -qq --disable-pip-version-check --no-input
 
 .PHONY: demo test clean
 

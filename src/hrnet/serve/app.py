@@ -104,6 +104,15 @@ class Server:
         self.metrics = _Metrics(self.batcher)
         self.batcher.on_batch = self.metrics.batch
         self.decoder = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="hrnet-decode")
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """One call at batch 1 and one at ``max_batch`` before the first request: the first requests are
+        not slow, and the runtime's buffers (onnxruntime's arena grows per batch shape) reach their
+        steady size now instead of during serving."""
+        size = self.clf.transform.input_size
+        for batch in sorted({1, self.config.max_batch}):
+            self.clf.logits(torch.zeros(batch, 3, size, size))
 
     # ---- reading and decoding ----
 
