@@ -9,7 +9,7 @@ from .inference.predict import predict
 from .models import count_flops, count_params
 from .weights import convert_checkpoint, load_checkpoint, save_checkpoint
 
-__version__ = "0.1.0"
+from ._version import __version__
 __all__ = [
     "HRNetError", "UnknownModelError", "cam_image", "convert_checkpoint", "count_flops", "count_params",
     "create_model", "evaluate", "get_model_info", "list_models", "load_checkpoint", "predict", "predict_to_file",

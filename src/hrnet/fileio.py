@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -86,3 +87,49 @@ def open_regular(path: str | os.PathLike, error: type[HRNetError]) -> BinaryIO:
         f.close()
         raise error(f"{name}: not a regular file")
     return f
+
+
+class LockedError(HRNetError):
+    """A file or directory that another hrnet process holds (an exclusive lock is taken)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike, what: str, *, holder: str = "another hrnet process",
+                   instead: str = "choose another", error: type[HRNetError] = LockedError) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) while the block runs, with
+    this process's pid written in it. A second holder is refused at once, in one line:
+    "``what``: ``holder`` (pid N) is running on it; wait for it to end or ``instead``". The kernel drops the lock when the process dies,
+    even by SIGKILL, so a stale lock never blocks a resume. Every writer that must never run twice
+    on one target (a training run directory, ``predict --output``) goes through here."""
+    lock_path = Path(lock_path)
+    try:
+        lock = open(lock_path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise error(f"{what}: cannot write {display_path(lock_path)} ({e.strerror or e})") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read(20).strip()
+            raise error(f"{what}: {holder}{f' (pid {pid})' if pid.isdigit() else ''} is running on it; "
+                        f"wait for it to end or {instead}") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
+def refuse_same_file(dest: str | os.PathLike, *inputs: str | os.PathLike | None,
+                     error: type[HRNetError] = WriteError) -> None:
+    """Refuse, in one line, to write ``dest`` when it is the same file as one of ``inputs``
+    (``os.path.samefile``: symlinks, hard links, ``./x`` and ``x``). Inputs that are URLs, model
+    names or missing files are not files on disk and are skipped."""
+    for src in inputs:
+        if src is None:
+            continue
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if os.path.samefile(dest, src):
+                raise error(f"{display_path(dest)}: is the same file as the input {display_path(src)}; "
+                            "writing it would destroy the input; choose another output path")

@@ -29,7 +29,7 @@ EPILOG = """examples:
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

@@ -311,7 +311,7 @@ def create_app(model: Classifier | nn.Module | str, *, name: str | None = None, 
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
     return __version__
 
 

@@ -8,7 +8,6 @@ to start afresh.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import HRNetError
-from ..fileio import open_regular
+from ..fileio import exclusive_lock, open_regular
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoints", "best.safetensors")
@@ -52,23 +51,12 @@ def claim_run_dir(run_dir: Path, *, resume: bool, force: bool = False) -> Iterat
     where = f"output.dir={run_dir}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir / LOCK_NAME, "a+", encoding="utf-8")
     except FileExistsError:
         raise RunDirError(f"{where}: exists and is not a directory; choose another output.dir") from None
     except OSError as e:
         raise RunDirError(f"{where}: cannot write there ({e.strerror}); choose another output.dir") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            pid = lock.read(20).strip()
-            raise RunDirError(f"{where}: another training{f' (pid {pid})' if pid.isdigit() else ''} is running "
-                              "in this run directory; wait for it to end or choose another output.dir") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+    with exclusive_lock(run_dir / LOCK_NAME, where, holder="another training", instead="choose another output.dir",
+                        error=RunDirError):
         held = sorted(n for n in os.listdir(run_dir) if n != LOCK_NAME)
         if held and not resume:
             foreign = [n for n in held if not _is_run_file(n)]

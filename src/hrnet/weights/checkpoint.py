@@ -165,7 +165,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict
 def save_state_dict(sd: StateDict, arch: Arch, path: str | os.PathLike, *, num_classes: int, model: str | None,
                     eval_cfg: EvalConfig, metadata: dict[str, str] | None = None, hub: bool = False) -> Path:
     """:func:`save_checkpoint` for a state dict in hrnet's keys (no model needed)."""
-    from .. import __version__
+    from .._version import __version__
 
     extra = dict(metadata or {})
     clash = [k for k in extra if k in RESERVED]

@@ -48,7 +48,7 @@ def to_layout(sd: StateDict, arch: Arch | str, layout: str, *, backbone_only: bo
     in a feature extractor's). Returns plain CPU tensors (``torch.load(weights_only=True)`` reads the
     saved result); for ``mmcls`` wrapped as ``{"meta": {arch, num_classes, hrnet_version}, "state_dict": ...}``.
     """
-    from .. import __version__
+    from .._version import __version__
 
     arch = _arch(arch)
     if layout not in WRITABLE:
