@@ -346,7 +346,7 @@ def _parse_outputs(outputs: object, num_classes: int, binary_default: bool) -> t
     if not isinstance(binary, bool):
         raise bad_request(f"outputs[0].parameters.binary_data: expected true or false, got {binary!r}")
     k = params.get("classification")
-    if k is None or k == 0:  # tritonclient sends 0 for "no classification"
+    if k is None:
         return None, binary
     return parse_top_k(k, num_classes, "outputs[0].parameters.classification"), binary
 
