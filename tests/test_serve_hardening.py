@@ -233,12 +233,12 @@ def test_health_stays_fast_while_clients_send_15_mb_json(json_server):
     value) while /v2/health/live is polled: its p99 stays low because JSON is parsed off the event loop.
     Today's main parses on the loop and stalls health for the whole parse of each body."""
     rng = np.random.default_rng(0)
-    n = 48
+    n = 62  # about 15 MB of JSON
     data = rng.standard_normal(n * 3 * CROP * CROP).tolist()
     data[-1] = 1e39  # finite in JSON, infinite as float32: refused after the whole parse
     body = json.dumps({"inputs": [{"name": "input", "shape": [n, 3, CROP, CROP], "datatype": "FP32",
                                    "data": data}]}).encode()
-    assert len(body) > 10 * 2**20
+    assert len(body) > 14 * 2**20
     stop = threading.Event()
     answers = []
 

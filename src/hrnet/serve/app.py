@@ -111,6 +111,9 @@ class Server:
         self.metrics = _Metrics(self.batcher)
         self.batcher.on_batch = self.metrics.batch
         self.decoder = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="hrnet-decode")
+        # one thread parses bodies: parsing holds the interpreter, and one contender for it leaves the
+        # event loop more of it than several
+        self.parser = ThreadPoolExecutor(1, thread_name_prefix="hrnet-parse")
         self.warm_up()
 
     def warm_up(self) -> None:
@@ -148,7 +151,7 @@ class Server:
     async def off_loop(self, fn: Callable, *args):
         """``fn(*args)`` on a worker thread: parsing a large body must not stall the event loop (health
         checks, other requests)."""
-        return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.parser, fn, *args)
 
     def _too_large(self, size: int, at_least: bool = False) -> RequestError:
         return RequestError(413, "too_large", f"body of {'more than ' if at_least else ''}{size} bytes exceeds "
@@ -286,6 +289,7 @@ class Server:
     async def close(self) -> None:
         await self.batcher.close()
         self.decoder.shutdown(wait=True)
+        self.parser.shutdown(wait=True)
 
     def endpoint(self, label: str, fn: Callable[[Request], Awaitable[Response]]) -> Callable:
         """``fn`` with its refusals as JSON errors, and every answer counted and timed."""

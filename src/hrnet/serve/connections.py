@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -124,6 +125,9 @@ class DrainingMultiprocess(Multiprocess):
 def run(app, **options) -> bool:
     """Serve ``app`` (an ASGI app, or an import string with ``workers``) with :class:`GuardedH11Protocol`
     and the draining signal handling; returns once drained: False if it never started (port taken)."""
+    # the event loop waits at most this long for the interpreter while a worker thread parses a body
+    # (Python's default is 5 ms)
+    sys.setswitchinterval(0.001)
     config = uvicorn.Config(app, http="hrnet.serve.connections:GuardedH11Protocol", **options)
     if config.workers > 1:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by the spawned workers

@@ -114,20 +114,38 @@ MAX_JSON_DEPTH = 32
 """Deepest nesting of arrays and objects a JSON body may have (a v2 body needs 6)."""
 MAX_NUMBER_CHARS = 64
 """Longest number literal in a JSON body (a float32 needs under 20 characters)."""
-_STRUCTURE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+_STRUCTURE = re.compile(rb'["\[\]{}]')
+_STRING_STOP = re.compile(rb'[\\"]')
+_SCAN = 1 << 18  # bytes searched per regex call: the event loop gets the interpreter between calls
 
 
 def _check_depth(body: bytes) -> None:
     """Refuse nesting beyond :data:`MAX_JSON_DEPTH` before parsing: Python's json has no depth limit
     of its own and dies with a RecursionError about 1,000 levels down. Strings are skipped whole."""
-    depth = 0
-    for m in _STRUCTURE.finditer(body):
-        c = m.group()[0]
-        if c in b"[{":
+    depth = pos = 0
+    while pos < len(body):
+        m = _STRUCTURE.search(body, pos, pos + _SCAN)
+        if m is None:
+            pos += _SCAN
+            continue
+        c, pos = body[m.start()], m.end()
+        if c == 0x22:  # '"': skip to the end of the string, a window at a time
+            while True:
+                if pos >= len(body):
+                    return  # an unterminated string: json.loads names the error
+                stop = _STRING_STOP.search(body, pos, pos + _SCAN)
+                if stop is None:
+                    pos += _SCAN
+                elif body[stop.start()] == 0x5C:  # a backslash escapes the next byte
+                    pos = stop.start() + 2
+                else:
+                    pos = stop.end()
+                    break
+        elif c in b"[{":
             depth += 1
             if depth > MAX_JSON_DEPTH:
                 raise bad_request(f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels (the limit)")
-        elif c in b"]}":
+        else:
             depth -= 1
 
 
@@ -252,7 +270,8 @@ def _float_tensor(values: list, shape: list[int]) -> torch.Tensor:
         chunk = values[i: i + 65536]
         if not all(type(v) is float or type(v) is int for v in chunk):
             raise bad_request("inputs[0].data: FP32 data must be numbers")
-        out[i: i + 65536] = chunk
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused by the caller
+            out[i: i + 65536] = chunk
     return torch.from_numpy(out).view(shape)
 
 
