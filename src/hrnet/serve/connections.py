@@ -31,6 +31,8 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.supervisors.multiprocess import Multiprocess
 
+from .memory import limit_arenas
+
 DRAIN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Each one stops the server the same way: stop accepting, answer every accepted request, exit 0."""
 
@@ -128,6 +130,7 @@ def run(app, **options) -> bool:
     # the event loop waits at most this long for the interpreter while a worker thread parses a body
     # (Python's default is 5 ms)
     sys.setswitchinterval(0.001)
+    limit_arenas()
     config = uvicorn.Config(app, http="hrnet.serve.connections:GuardedH11Protocol", **options)
     if config.workers > 1:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by the spawned workers
