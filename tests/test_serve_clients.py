@@ -74,3 +74,21 @@ def test_top_k_beyond_the_class_count_is_clamped(served):
     status, info = server.json("GET", "/v1/model")
     assert status == 200 and info["name"] == MODEL and info["num_classes"] == 1000
     assert info["labels"][:2] == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
+
+
+@pytest.mark.parametrize("binary, header, field", [
+    (b"x" * 5, None, "inputs[0].parameters.binary_data_size"),  # 5 bytes where 10 were announced
+    (b"\xff\x00\x00\x00" + b"x" * 6, None, "inputs[0]: binary BYTES element"),  # element longer than the data
+    (b"x" * 10, "999999", "Inference-Header-Content-Length"),  # header longer than the body
+], ids=["size-mismatch", "element-overrun", "header-too-long"])
+def test_binary_extension_refusals_name_the_field(binary, header, field):
+    """The binary tensor data extension's framing is checked before anything is decoded (no server needed)."""
+    import json
+
+    from hrnet.serve.protocol import RequestError, parse_infer
+
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 10}}]}).encode()
+    with pytest.raises(RequestError) as e:
+        parse_infer(head + binary, CROP, 1000, 8, header or str(len(head)))
+    assert e.value.status == 400 and str(e.value).startswith(field), str(e.value)
