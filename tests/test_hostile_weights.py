@@ -126,6 +126,7 @@ def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 # --- 1. pickle bombs --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_deeply_nested_pickles_are_refused_before_unpickling(tmp_path, capsys):
     # Today's loader dies with SIGSEGV (exit -11) on each: run them in a child process.
     (tmp_path / "deep.pdparams").write_bytes(b"\x80\x04" + DEEP)
@@ -153,6 +154,7 @@ def test_deeply_nested_pickles_are_refused_before_unpickling(tmp_path, capsys):
 
 # --- 2. memory bombs --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_memory_bombs_are_refused_under_a_memory_limit(tmp_path):
     numel = 1 << 28  # a 1 GiB float32 tensor declared by each file below; hrnet-w64's largest holds 2.4 M
     bomb = zip_bomb(tmp_path / "bomb.pth", numel)
@@ -326,6 +328,7 @@ def test_trickling_server_fails_within_the_stall_window(server, home, monkeypatc
     assert not home.exists() or not any(home.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_download_leaves_no_part_file(server, home, signum):
     stop = threading.Event()
@@ -411,6 +414,7 @@ def test_cache_respects_umask_and_unwritable_home_is_one_line(server, home, smal
         download.fetch(f"{server.url}/w.safetensors", progress=False)
 
 
+@pytest.mark.slow
 def test_full_disk_during_download_is_one_line_and_caches_nothing(server, home, small_weights):
     # RLIMIT_FSIZE makes writes fail like a full disk (EFBIG), in a child so the test process is untouched.
     server.files["/w.safetensors"] = small_weights
