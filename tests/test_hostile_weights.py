@@ -33,7 +33,7 @@ from helpers import randomize
 from hrnet.cli import main
 from hrnet import create_model
 from hrnet.weights import CheckpointError, DownloadError, download, load_checkpoint, load_weights, save_checkpoint
-from hrnet.weights.safe import read_file
+from hrnet.weights.containers import read_file
 
 SMALL = "hrnet-w18-small"
 DEEP = b"})" + b"\x85" * 200_000 + b"K\x01s."  # {((((...(),),)...): 1}: hashing the key overflows the C stack
@@ -132,7 +132,7 @@ def test_deeply_nested_pickles_are_refused_before_unpickling(tmp_path, capsys):
     torch_zip(tmp_path / "deep.pth", b"\x80\x02" + DEEP)
     legacy_torch(tmp_path / "deep_legacy.pth", b"\x80\x02" + DEEP, [])
     proc = run_python(f"""
-        from hrnet.weights.safe import read_file
+        from hrnet.weights.containers import read_file
         for name in ("deep.pdparams", "deep.pth", "deep_legacy.pth"):
             try:
                 read_file({str(tmp_path)!r} + "/" + name)
