@@ -89,6 +89,8 @@ def cached(url: str, filename: str | None = None) -> Path | None:
     """``url``'s file in the cache if its record names this URL and its bytes are the ones recorded
     (length and SHA-256, and the SHA-256 prefix in the name where there is one); else None."""
     dest = cache_path(url, filename)
+    if not dest.is_file():
+        return None
     try:
         record = json.loads((dest.parent / RECORD).read_text()[:65536])
         good = (record.get("url") == url and dest.is_file() and dest.stat().st_size == record.get("size")
