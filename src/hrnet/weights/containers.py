@@ -92,8 +92,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def _read_torch(path: Path) -> tuple[Any, dict[str, str]]:
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # built by __new__ + __dict__ update only
-            return torch.load(path, map_location="cpu", weights_only=True), {}
+        # An open file, not the name: torch.load hands a name ending .safetensors to safetensors, whatever it holds.
+        with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):  # inert: __dict__ only
+            return torch.load(f, map_location="cpu", weights_only=True), {}
     except pickle.UnpicklingError as e:
         m = re.search(r"WeightsUnpickler error: (.+?)(?: was not| Please|\n|$)", str(e))
         detail = m.group(1).strip() if m else "a disallowed object"
