@@ -1,12 +1,7 @@
-"""Writing weights: hrnet's format, or the layout another library loads, from a model, a state dict or
-(:func:`convert_checkpoint`) any supported checkpoint.
-
-Most users of these ImageNet weights start a segmentation, detection or pose model from them in a
-codebase that loads the official ``cls_hrnet.py`` names (REFERENCE.md §8); :func:`~.layouts.to_layout`
-renames them. The container follows the file name, and a name is never given another container's
-bytes: hrnet's format is safetensors (``.safetensors``, or a hub directory); ``official`` / ``timm``
-are a ``torch.save`` d state dict, or safetensors when the name ends ``.safetensors`` (timm reads
-both); ``mmcls`` (``{"meta", "state_dict"}``) is a torch file only, as mmengine reads it.
+"""Writing weights in hrnet's format or another library's layout (:func:`~.layouts.to_layout`), from a
+model, a state dict or (:func:`convert_checkpoint`) any checkpoint. The container follows the name and
+a name never gets another container's bytes: hrnet's format is safetensors; ``official`` / ``timm`` a
+torch file, or safetensors under a ``.safetensors`` name (timm reads both); ``mmcls`` a torch file only.
 """
 
 from __future__ import annotations
