@@ -82,7 +82,7 @@ def test_each_epoch_reshuffles_and_a_resumed_epoch_skips_what_was_done():
     sampler.set_epoch(1)
     second = list(sampler)
     assert first != second and sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(40))
-    sampler.set_epoch(1, start=3)
+    sampler.set_epoch(1, start=3 * 5)  # a global sample index
     assert list(sampler) == second[3:] and len(sampler) == 5
 
 
