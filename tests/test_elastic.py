@@ -191,7 +191,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, d
     wait_for_step(run, 2, proc)
     os.kill(worker_pid(proc.pid, 1), signal.SIGTERM)  # one rank only: both must stop together
     out, _ = proc.communicate(timeout=120)
-    assert out.count(f"exitcode  : {EXIT_PREEMPTED}") == 2 or "exitcode  : 75" in out, out[-3000:]
+    assert f"exitcode  : {EXIT_PREEMPTED}" in out, out[-3000:]  # the documented code, not a crash
     stopped = [r for r in log_records(run) if r["kind"] == "stopped"]
     assert len(stopped) == 1, out[-3000:]
     step = stopped[0]["step"]

@@ -360,6 +360,8 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
+            with writing(self.log_path):
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)  # a Trainer used without train()
             with writing(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
