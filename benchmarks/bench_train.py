@@ -8,12 +8,19 @@ steps, as its JSON log reports them (the NaN guard, metrics and logging included
 checkpoint and weight export are timed separately.
 
     python benchmarks/bench_train.py [--input-size 32] [--batch-size 32] [--rounds 2]
+    python benchmarks/bench_train.py --against /tmp/hrnet-before   # also another checkout's trainer
+
+With ``--against CHECKOUT`` both trainers (this tree's and ``CHECKOUT/src``'s) run in fresh
+subprocesses, alternating in the same rounds, and the last line gives their ratio: how the cost of
+a change to the trainer (e.g. the fault-tolerance checks, target <= 2 %) is measured on one machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,29 +75,57 @@ def trainer(cfg: Config) -> tuple[float, float]:
     return t.steps_per_epoch * t.global_batch / step_seconds, total - step_seconds
 
 
+RECIPE = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+
+
+def overrides(args: argparse.Namespace, train_dir: str, run_dir: str) -> list[str]:
+    return [f"data.train={train_dir}", "data.val=null", f"data.input_size={args.input_size}",
+            f"data.batch_size={args.batch_size}", f"data.workers={args.workers}", "schedule.epochs=1",
+            "schedule.warmup_epochs=0", "output.log_every=10", f"output.dir={run_dir}"]
+
+
+def trainer_in(src: Path, args: argparse.Namespace, train_dir: str, run_dir: str) -> tuple[float, float]:
+    """:func:`trainer` in a fresh interpreter importing hrnet from ``src`` (another checkout's, or this one's)."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    cmd = [sys.executable, __file__, "--worker", json.dumps(overrides(args, train_dir, run_dir))]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return tuple(json.loads(out.strip().splitlines()[-1]))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--against", metavar="CHECKOUT", type=Path,
+                        help="another checkout of hrnet whose trainer is timed too (both in subprocesses)")
+    parser.add_argument("--worker", metavar="OVERRIDES", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:  # one trainer measurement, for --against
+        print(json.dumps(trainer(load_config(RECIPE, json.loads(args.worker)))))
+        return 0
+    here = Path(__file__).resolve().parent.parent / "src"
     with tempfile.TemporaryDirectory() as tmp:
         train_dir, _ = write_digits(Path(tmp) / "digits", size=args.input_size)
-        plain, ours, overhead = [], [], []
+        plain, ours, before = [], [], []
         for r in range(args.rounds):
-            cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "digits.yaml", [
-                f"data.train={train_dir}", "data.val=null", f"data.input_size={args.input_size}",
-                f"data.batch_size={args.batch_size}", f"data.workers={args.workers}", "schedule.epochs=1",
-                "schedule.warmup_epochs=0", "output.log_every=10", f"output.dir={tmp}/run{r}"])
+            cfg = load_config(RECIPE, overrides(args, train_dir, f"{tmp}/run{r}"))
             plain.append(plain_loop(cfg))
-            ips, extra = trainer(cfg)
+            if args.against:
+                ips, extra = trainer_in(here, args, train_dir, f"{tmp}/ours{r}")
+                before.append(trainer_in(args.against.resolve() / "src", args, train_dir, f"{tmp}/before{r}")[0])
+            else:
+                ips, extra = trainer(cfg)
             ours.append(ips)
-            overhead.append(extra)
             print(f"round {r + 1}: plain loop {plain[-1]:.1f} img/s, hrnet trainer {ours[-1]:.1f} img/s "
-                  f"(+{extra:.1f} s checkpoint and export)", flush=True)
+                  f"(+{extra:.1f} s checkpoint and export)" +
+                  (f", {args.against} trainer {before[-1]:.1f} img/s" if before else ""), flush=True)
     print(f"model {cfg.model.name}  input {args.input_size}  batch {args.batch_size}  threads {torch.get_num_threads()}")
     print(f"plain_loop {max(plain):.1f} img/s  trainer {max(ours):.1f} img/s  ratio {max(ours) / max(plain):.3f}")
+    if before:
+        print(f"against {args.against}: trainer {max(ours):.1f} img/s  before {max(before):.1f} img/s  "
+              f"ratio {max(ours) / max(before):.3f}")
     return 0
 
 

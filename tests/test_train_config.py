@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from hrnet.models import resolve
 from hrnet.training.config import Config, ConfigError, load_config
-from hrnet.training.train import lr_factor
+from hrnet.training.optim import lr_factor
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SEED_WIDTHS = (18, 30, 32, 40, 44, 48, 64)
@@ -71,9 +72,10 @@ def test_inconsistent_values_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("width", SEED_WIDTHS)
-def test_imagenet_recipe_is_the_mmcls_one(width):
-    cfg = load_config(CONFIGS / f"hrnet-w{width}_in1k.yaml")
+def test_imagenet_recipe_is_the_mmcls_one_for_every_width(width):
+    cfg = load_config(CONFIGS / "imagenet.yaml", [f"model.name=hrnet-w{width}"])
     assert cfg.model.name == f"hrnet-w{width}" and not cfg.model.pretrained
+    assert resolve(cfg.model.name).name == f"hrnet-w{width}"  # a zoo record, not just a string
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.1, 0.9, 1e-4)
     assert (cfg.schedule.epochs, cfg.schedule.scheduler, cfg.schedule.warmup_epochs) == (100, "cosine", 0.0)
     assert (cfg.data.input_size, cfg.data.crop_scale, cfg.data.hflip) == (224, (0.08, 1.0), True)
@@ -83,7 +85,7 @@ def test_imagenet_recipe_is_the_mmcls_one(width):
 def test_finetune_and_digits_recipes_load():
     ft = load_config(CONFIGS / "finetune.yaml")
     assert ft.model.pretrained and ft.model.num_classes is None
-    assert ft.optim.lr < load_config(CONFIGS / "hrnet-w18_in1k.yaml").optim.lr and ft.schedule.epochs < 100
+    assert ft.optim.lr < load_config(CONFIGS / "imagenet.yaml").optim.lr and ft.schedule.epochs < 100
     digits = load_config(CONFIGS / "digits.yaml")
     assert digits.model.name == "hrnet-w18-small" and not digits.data.hflip
 
@@ -96,3 +98,23 @@ def test_lr_schedule_is_linear_warmup_then_cosine():
     assert lr_factor(55, total, warmup, "cosine") == pytest.approx(0.5)  # half-way through the cosine
     assert lr_factor(40, total, warmup, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 30 / 90)))
     assert lr_factor(50, total, 0, "constant") == 1.0
+
+
+def test_set_of_a_mapping_merges_into_the_section_key_by_key(tmp_path):
+    """Issue 22 §4: ``optim={lr: 0.5}`` used to replace the whole section (momentum and weight decay gone)."""
+    path = write(tmp_path, "optim:\n  lr: 0.1\n  momentum: 0.8\n  weight_decay: 0.01\n")
+    cfg = load_config(path, ["optim={lr: 0.5}"])
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.5, 0.8, 0.01)
+    cfg = load_config(path, ["train={ema_decay: 0.99, seed: 3}", "optim={name: adamw}"])
+    assert (cfg.train.ema_decay, cfg.train.seed, cfg.optim.name, cfg.optim.momentum) == (0.99, 3, "adamw", 0.8)
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr'"):
+        load_config(path, ["optim={lrr: 0.5}"])
+
+
+def test_a_recipe_indented_with_tabs_names_the_line(tmp_path):
+    path = write(tmp_path, "model:\n  name: hrnet-w18\noptim:\n\tlr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml:4: indented with a tab; YAML forbids tabs"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"not valid YAML") as e:  # broken otherwise: no word about tabs
+        load_config(write(tmp_path, "optim:\n  lr: [0.1\n"))
+    assert "tab" not in str(e.value)

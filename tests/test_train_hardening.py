@@ -237,8 +237,18 @@ def test_torn_log_line_then_resume_with_more_epochs_and_plot(tmp_path, digits, c
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 11))
     assert [r for r in records if r["kind"] == "resume"] == [
         {"kind": "resume", "epoch": 1, "step": 5, "checkpoint": str(run / "checkpoints" / "step-00000005.pt"),
-         "changed": {"schedule.epochs": [1, 2]}}]
+         "restart": 0, "world_size": 1, "batch_per_process": 8, "changed": {"schedule.epochs": [1, 2]}}]
     assert load_config(run / "config.yaml").schedule.epochs == 2
+
+
+def test_the_run_directory_records_the_effective_recipe_after_set(tmp_path, digits, capsys):
+    """Issue 22 §4: what --set changed (a merged mapping included) is what config.yaml says."""
+    cfg, run = tiny_cfg(tmp_path, digits)
+    rc, _, err = cli(capsys, "train", str(cfg), "-q", "--set", "optim={lr: 0.05, weight_decay: 0.001}")
+    assert rc == 0, err
+    recorded = load_config(run / "config.yaml")
+    assert (recorded.optim.lr, recorded.optim.weight_decay, recorded.optim.momentum) == (0.05, 0.001, 0.9)
+    assert recorded == load_config(cfg, ["optim={lr: 0.05, weight_decay: 0.001}", f"output.dir={run}"])
 
 
 def test_resume_refuses_recipe_changes_it_would_silently_ignore(tmp_path, digits, capsys):

@@ -1,16 +1,40 @@
-"""torchrun plumbing shared by evaluation and training.
+"""torchrun plumbing shared by evaluation, prediction and training, with bounded waits.
 
 A process started by ``torchrun`` finds RANK/WORLD_SIZE/LOCAL_RANK in its environment; anything
 else runs as a single process. NCCL on GPUs, gloo on CPU.
+
+Every wait on the other ranks is bounded: joining the process group and every collective give up
+after ``timeout_s`` (the argument of :func:`init_distributed`, else ``HRNET_COLLECTIVE_TIMEOUT_S``,
+else :data:`DEFAULT_TIMEOUT_S`) instead of PyTorch's 10-30 minutes. A failed wait is a one-line
+:class:`CollectiveError` naming the rank that stopped answering: each rank beats a counter in the
+rendezvous store once a second from a thread, which stops when the process dies or is stopped, so
+the ranks whose counters stand still are the ones to blame.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .errors import HRNetError
+
+DEFAULT_TIMEOUT_S = 30.0
+TIMEOUT_ENV = "HRNET_COLLECTIVE_TIMEOUT_S"
+BEAT_S = 1.0  # heartbeat period; a rank is blamed when its counter stands still for 2.5 beats
+
+
+class CollectiveError(HRNetError):
+    """Another rank died or hung: a wait on it ran past the collective timeout or its connection broke."""
 
 
 def default_device() -> str:
@@ -33,8 +57,79 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the process group torchrun set up (idempotent); a plain single process otherwise."""
+def collective_timeout(timeout_s: float | None = None) -> float:
+    """Seconds a collective may wait: ``timeout_s``, else ``$HRNET_COLLECTIVE_TIMEOUT_S``, else the default."""
+    if timeout_s is not None:
+        return float(timeout_s)
+    text = os.environ.get(TIMEOUT_ENV)
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise CollectiveError(f"{TIMEOUT_ENV}={text[:40]}: expected seconds, a positive number up to 86400")
+    return value
+
+
+class _State:
+    timeout_s = DEFAULT_TIMEOUT_S
+    beat: _Heartbeat | None = None
+    broken = False  # a collective failed: the group cannot be torn down cleanly any more
+
+
+class _Heartbeat(threading.Thread):
+    """Adds 1 to this rank's counter in the store every :data:`BEAT_S` seconds."""
+
+    def __init__(self, store, rank: int, world_size: int, attempt: str):
+        super().__init__(name="hrnet-heartbeat", daemon=True)
+        self.store, self.rank, self.world_size, self.prefix = store, rank, world_size, f"hrnet/beat/{attempt}/"
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.store.set(f"{self.prefix}pid/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
+        except Exception:
+            return
+        while not self.stop.is_set():
+            try:
+                self.store.add(f"{self.prefix}{self.rank}", 1)
+            except Exception:  # the store is gone: the job is ending anyway
+                return
+            self.stop.wait(BEAT_S)
+
+    def silent_ranks(self) -> list[int] | None:
+        """The other ranks whose counters did not move for 2.5 beats (None: the store cannot say)."""
+        try:
+            def read() -> list[int]:
+                return [int(self.store.add(f"{self.prefix}{r}", 0)) for r in range(self.world_size)]
+            before = read()
+            time.sleep(2.5 * BEAT_S)
+            after = read()
+        except Exception:
+            return None
+        return [r for r in range(self.world_size) if r != self.rank and before[r] == after[r]]
+
+    def end_local(self, ranks: list[int]) -> list[int]:
+        """SIGKILL those of ``ranks`` that run on this host (a stopped process ignores torchrun's SIGTERM
+        for its whole shutdown grace); returns the ones killed."""
+        killed = []
+        for r in ranks:
+            try:
+                host, pid = self.store.get(f"{self.prefix}pid/{r}").decode().split()
+                if host == socket.gethostname():
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(r)
+            except Exception:
+                pass
+        return killed
+
+
+def init_distributed(device: str | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Join the process group torchrun set up (idempotent: the first call's timeout holds); a plain
+    single process otherwise. Joining is bounded by the collective timeout too: a rank that never
+    arrives is a :class:`CollectiveError`, not a hang."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo(device=device or default_device())
@@ -44,31 +139,97 @@ def init_distributed(device: str | None = None) -> DistInfo:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        _State.timeout_s = collective_timeout(timeout_s)
+        with guard("joining the process group"):
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                    timeout=timedelta(seconds=_State.timeout_s))
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except Exception:  # a private API: without it, a failure names no rank
+            store = None
+        if store is not None:
+            _State.beat = _Heartbeat(store, rank, world_size, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            _State.beat.start()
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return any(s in text for s in ("Timed out", "timed out", "Connection closed by peer", "Connection reset",
+                                   "NCCL", "Gloo", "gloo", "ProcessGroup", "Broken pipe"))
+
+
+@contextmanager
+def guard(what: str) -> Iterator[None]:
+    """Turn a collective's timeout or broken connection inside the block into a one-line
+    :class:`CollectiveError` naming the rank(s) that stopped answering (other errors pass through)."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as e:
+        if not _is_collective_failure(e):
+            raise
+        _State.broken = True
+        me = int(os.environ.get("RANK", "0"))
+        silent = _State.beat.silent_ranks() if _State.beat else None
+        if silent:
+            killed = _State.beat.end_local(silent)
+            who = ", ".join(f"rank {r}" for r in silent) + " stopped answering (died or hung)" + \
+                (f"; ended {', '.join(f'rank {r}' for r in killed)} on this host" if killed else "")
+        elif silent is None:
+            who = "another rank stopped answering or broke its connection"
+        else:
+            who = "every rank is alive, one is slower than the timeout"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CollectiveError(f"rank {me}: {what} failed after at most {_State.timeout_s:g} s: {who}; the job "
+                              f"stops ({first}); the wait is train.collective_timeout_s or ${TIMEOUT_ENV}") from None
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over all ranks in place (a no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    if _active():
+        with guard("summing over the ranks"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_gather_objects(obj: object) -> list:
     """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return [obj]
     out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with guard("gathering from the ranks"):
+        dist.all_gather_object(out, obj)
     return out
 
 
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not _active():
+        return obj
+    box = [obj]
+    with guard("receiving rank 0's decision"):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if _active():
+        with guard("waiting for every rank"):
+            dist.barrier()
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group (skipped after a failed collective: tearing down would wait on the dead)."""
+    if _State.beat is not None:
+        _State.beat.stop.set()
+        _State.beat = None
+    if _active() and not _State.broken:
         dist.destroy_process_group()

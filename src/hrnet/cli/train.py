@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from ..training.config import RESUMABLE_TEXT, TrainOptions
+from ..training.rundir import EXIT_PREEMPTED
 from ._common import add_output_args, add_parser, print_json
 
 
@@ -11,19 +14,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(
         sub, "train", "train or fine-tune a model from a YAML recipe (one CPU, or many GPUs under torchrun)",
         "  hrnet data digits digits && hrnet train configs/digits.yaml   # 10 classes, a few minutes on a CPU\n"
-        "  hrnet train configs/hrnet-w18_in1k.yaml --set data.train=/data/imagenet/train --set data.val=/data/imagenet/val\n"
+        "  hrnet train configs/imagenet.yaml --set data.train=/data/imagenet/train --set data.val=/data/imagenet/val\n"
+        "  hrnet train configs/imagenet.yaml --set model.name=hrnet-w48 --set output.dir=runs/hrnet-w48_in1k\n"
         "  hrnet train configs/finetune.yaml --set data.train=flowers/train --set model.num_classes=102\n"
         "  hrnet train configs/finetune.yaml --checkpoint w18.safetensors --set data.train=pets/train   # offline\n"
         "  hrnet train configs/digits.yaml --set schedule.epochs=3 --set output.dir=runs/try\n"
-        "  hrnet train configs/hrnet-w18_in1k.yaml --resume            # newest checkpoint in output.dir\n"
-        "  hrnet train configs/hrnet-w18_in1k.yaml --resume runs/w18/checkpoints/step-00050000.pt\n"
-        "  torchrun --nproc-per-node 8 -m hrnet train configs/hrnet-w48_in1k.yaml --set train.sync_bn=true\n"
+        "  hrnet train configs/imagenet.yaml --resume                  # newest checkpoint in output.dir\n"
+        "  hrnet train configs/imagenet.yaml --resume runs/imagenet/checkpoints/step-00050000.pt\n"
+        "  hrnet train configs/digits.yaml --set 'optim={lr: 0.5}'     # merged: momentum etc. are kept\n"
+        "  torchrun --nproc-per-node 8 --max-restarts 3 -m hrnet train configs/imagenet.yaml --resume auto\n"
         "\n"
         "output.dir must be new or empty: a directory holding a previous run is refused unless --resume\n"
         "continues it or --force deletes it first. One training at a time uses a directory (it is locked).\n"
-        "A resumed run may change only schedule.epochs, data.workers, data.val(_ann), train.device and\n"
-        "output.*; the change is recorded in log.jsonl. The result (run directory, best and last accuracy,\n"
-        "weights and log files) is printed even with --quiet; progress bars only go to a terminal.")
+        f"A resumed run may change only {RESUMABLE_TEXT}; the change is recorded in log.jsonl.\n"
+        "It may run on another number of processes: the run's global batch is kept (per process: global /\n"
+        "processes). SIGTERM or SIGUSR1 finish the step in flight, write a checkpoint and exit with code\n"
+        f"{EXIT_PREEMPTED} on every rank (a second signal exits at once); a rank that dies or hangs ends the job after\n"
+        f"train.collective_timeout_s (default {TrainOptions.collective_timeout_s:g} s). See docs/guides/cluster.md.\n"
+        "The result (run directory, best and last accuracy, weights and log files) is printed even with\n"
+        "--quiet; progress bars only go to a terminal.")
     p.add_argument("config", metavar="CONFIG.yaml", help="the recipe (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. optim.lr=0.05 or data.crop_scale=[0.5,1] (repeatable; "
@@ -32,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start from these weights (any format hrnet reads) instead of the published ones: "
                         "sets model.checkpoint and turns model.pretrained off")
     again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
-                       help="continue from PATH, or without PATH from the newest checkpoint in output.dir")
+    again.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH|auto",
+                       help="continue from PATH, or without PATH from the newest checkpoint in output.dir; auto: "
+                            "from the newest checkpoint if there is one, else start (what a torchrun restart does)")
     again.add_argument("--force", action="store_true",
                        help="delete the previous run in output.dir (its checkpoints, log, best weights) and start "
                             "afresh")
@@ -56,19 +66,23 @@ def _percent(value: float | None) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from ..distributed import cleanup, init_distributed
     from ..training.config import load_config, with_checkpoint
-    from ..training.train import check_device, train
+    from ..training import train as training
 
     cfg = load_config(args.config, args.overrides)
     if args.checkpoint:
         cfg = with_checkpoint(cfg, args.checkpoint)
-    check_device(cfg.train.device)
+    training.check_device(cfg.train.device)
     try:
-        is_main = init_distributed(cfg.train.device).is_main
-        result = train(cfg, resume=args.resume, force=args.force, quiet=args.quiet)
+        is_main = init_distributed(cfg.train.device, cfg.train.collective_timeout_s).is_main
+        result = training.train(cfg, resume=args.resume, force=args.force, quiet=args.quiet)
     finally:
         cleanup()
+    code = EXIT_PREEMPTED if result.stopped_by else 0
+    if result.stopped_by and is_main:
+        print(f"hrnet: {result.stopped_by}: stopped after step {result.steps} with a checkpoint; the same command "
+              "with --resume (or --resume auto) continues from it", file=sys.stderr)
     if not is_main:
-        return 0
+        return code
     metric = "val top-1" if cfg.data.val else "training accuracy"
     summary = {"run_dir": str(result.run_dir), "steps": result.steps, "metric": metric,
                "best_metric": result.best_metric, "last_metric": result.last_metric,
@@ -81,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"last {_percent(result.last_metric)}")
         print(f"weights: {result.best_weights}")
         print(f"log: {result.log}")
-    return 0
+    return code
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

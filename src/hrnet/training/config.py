@@ -4,9 +4,7 @@ Every key is checked against the tree: an unknown key or a value of the wrong ty
 :class:`ConfigError` naming the key (with the closest known key as a suggestion), so a typo never
 silently falls back to a default. ``--set a.b=value`` overrides go through the same checks.
 
-YAML is read with the YAML 1.2 core schema (``1e-3`` is a number, ``no`` and ``2024-01-01`` are
-strings), only from a regular file of bounded size, and composed under a bound on depth and on
-nodes counted with every alias expanded, so a hostile file fails fast with one line.
+The YAML itself is read by :mod:`hrnet.training.yamlsafe` (YAML 1.2 core schema, bounded).
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import dataclasses
 import difflib
 import math
 import os
-import re
 import reprlib
 import types
 import typing
@@ -25,111 +22,15 @@ from typing import Any, Literal
 import yaml
 
 from ..errors import HRNetError
-from ..fileio import open_regular
+from . import yamlsafe
 
 
 class ConfigError(HRNetError):
     """A training config that names an unknown key or gives a value of the wrong type."""
 
 
-MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few hundred bytes
-MAX_DEPTH = 32  # the config tree is 3 levels deep
-MAX_NODES = 10_000  # counted with every alias expanded: an alias bomb stops here, not at gigabytes
-
 _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 6, 6, 3
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with the YAML 1.2 core schema's scalars and bounded composition."""
-
-    yaml_implicit_resolvers: dict = {}
-
-    def __init__(self, stream: str, source: str):
-        super().__init__(stream)
-        self.source, self.depth, self.nodes, self.sizes = source, 0, 0, {}
-
-    def _count(self, n: int) -> None:
-        self.nodes += n
-        if self.nodes > MAX_NODES:
-            raise ConfigError(f"{self.source}: more than {MAX_NODES} YAML nodes (counting what aliases expand "
-                              "to); a training config is a few dozen")
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            node = self.anchors.get(self.peek_event().anchor)
-            self._count(self.sizes.get(id(node), 1))
-            return super().compose_node(parent, index)
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise ConfigError(f"{self.source}: YAML nested deeper than {MAX_DEPTH} levels")
-        before = self.nodes
-        self._count(1)
-        node = super().compose_node(parent, index)
-        self.depth -= 1
-        self.sizes[id(node)] = self.nodes - before
-        return node
-
-
-def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
-    text = loader.construct_scalar(node)
-    try:
-        return int(text, 0) if re.match(r"0[oxOX]", text) else int(text, 10)
-    except ValueError:  # more digits than Python converts
-        raise yaml.constructor.ConstructorError(None, None, f"integer too long ({len(text)} digits)",
-                                                node.start_mark) from None
-
-
-def _construct_float(loader: _Loader, node: yaml.ScalarNode) -> float:
-    text = loader.construct_scalar(node).lower()
-    return float(text.replace(".inf", "inf").replace(".nan", "nan"))
-
-
-for _tag, _pattern, _first in [
-    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
-    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-    ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
-    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
-              r"|\.(?:nan|NaN|NAN))$", "-+0123456789."),
-]:
-    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern), list(_first))
-_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
-
-
-def _load(text: str, source: str) -> Any:
-    """``text`` as YAML (1.2 core schema); a bound exceeded is a :class:`ConfigError`, bad syntax a YAMLError."""
-    loader = _Loader(text, source)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    """``text`` as YAML (1.2 core schema, bounded); every failure is a one-line :class:`ConfigError`."""
-    try:
-        return _load(text, source)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {str(e).splitlines()[0]}") from None
-
-
-def read_yaml(path: str | os.PathLike) -> Any:
-    """The YAML document in ``path``: a regular file (a FIFO or device would block or never end) of at
-    most ``MAX_CONFIG_BYTES``, in UTF-8."""
-    with open_regular(path, ConfigError) as f:
-        try:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a training config is a few hundred "
-                          "bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    return parse_yaml(text, str(path))
 
 
 @dataclass(frozen=True)
@@ -183,6 +84,9 @@ class TrainOptions:
     on_nonfinite: Literal["stop", "skip"] = "stop"
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume on CPU
     device: str | None = None  # default: cuda if available
+    # seconds any collective (and joining the process group) may wait for the other ranks before the job
+    # stops naming the rank that did not answer; longer than the slowest checkpoint write rank 0 makes
+    collective_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -275,6 +179,8 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
 
 
 def _merge(base: dict, key: str, value: Any) -> None:
+    """Set ``key`` (dotted) in ``base`` to ``value``; a mapping given for a section is merged into it
+    key by key (as OmegaConf merges), so ``optim={lr: 0.5}`` keeps the section's other keys."""
     *parents, leaf = key.split(".")
     node = base
     for p in parents:
@@ -282,7 +188,11 @@ def _merge(base: dict, key: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {key}: '{p}' is not a section")
         node = child
-    node[leaf] = value
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        for k, v in value.items():
+            _merge(node[leaf], str(k), v)
+    else:
+        node[leaf] = value
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
@@ -293,7 +203,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     source = "config"
     if path is not None:
         source = str(path)
-        data = read_yaml(path)
+        data = yamlsafe.read_yaml(path, ConfigError)
         if data is None:
             data = {}
     if not isinstance(data, dict):
@@ -306,7 +216,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ConfigError(f"--set {item[:80]}: expected section.key=value")
         source = f"--set {item[:80]}"
         try:
-            value = _load(text, source)
+            value = yamlsafe.load(text, source, ConfigError)
         except yaml.YAMLError:  # not YAML at all: the text itself (a bound exceeded still raises)
             value = text
         _merge(merged, key.strip(), value)
@@ -338,6 +248,7 @@ def _validate(cfg: Config, source: str) -> None:
         (0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm must be positive (or null)"),
         (t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay must be in (0, 1)"),
+        (0 < t.collective_timeout_s <= 86400, "train.collective_timeout_s must be positive (seconds, at most a day)"),
         (out.keep_last >= 1, "output.keep_last must be at least 1"),
         (out.log_every >= 1, "output.log_every must be at least 1"),
         (out.checkpoint_every >= 0, "output.checkpoint_every must be 0 (end of each epoch) or more"),
@@ -348,6 +259,13 @@ def _validate(cfg: Config, source: str) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{source}: {message}")
+
+
+# Keys a resumed run may change: none alters what the steps already taken compute. Changes are logged.
+RESUMABLE = ("schedule.epochs", "data.workers", "data.val", "data.val_ann", "data.prepare", "train.device",
+             "train.collective_timeout_s", "output.dir", "output.log_every", "output.checkpoint_every",
+             "output.keep_last")
+RESUMABLE_TEXT = "schedule.epochs, data.workers, data.val(_ann), train.device, train.collective_timeout_s and output.*"
 
 
 def with_checkpoint(cfg: Config, checkpoint: str | os.PathLike) -> Config:

@@ -19,6 +19,8 @@ from ..errors import HRNetError
 from ..fileio import exclusive_lock, open_regular
 
 LOCK_NAME = ".lock"
+# hrnet train's exit code after a SIGTERM/SIGUSR1 stop with a checkpoint written (EX_TEMPFAIL: run it again)
+EXIT_PREEMPTED = 75
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoints", "best.safetensors")
 
 
@@ -44,10 +46,26 @@ def _is_run_file(name: str) -> bool:
     return name in RUN_FILES or leftover
 
 
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Delete what interrupted atomic writes left in ``run_dir`` and its ``checkpoints`` folder (their
+    ``.NAME.XXXX.part*`` temporary files: never a complete file, never read); returns their names.
+    Called with the run directory locked, so no live writer owns them."""
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if folder.is_dir() and not folder.is_symlink():
+            for path in folder.iterdir():
+                if path.name.startswith(".") and ".part" in path.name and path.is_file() and not path.is_symlink():
+                    with writing(path):
+                        path.unlink()
+                    removed.append(path.name)
+    return removed
+
+
 @contextmanager
 def claim_run_dir(run_dir: Path, *, resume: bool, force: bool = False) -> Iterator[None]:
     """Hold ``run_dir`` for one run. Without ``resume`` it must be empty, or with ``force`` hold only a
-    previous run's files, which are then deleted."""
+    previous run's files, which are then deleted. Either way the leftovers of an interrupted checkpoint
+    write are removed first (:func:`remove_leftovers`)."""
     where = f"output.dir={run_dir}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,6 +75,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool, force: bool = False) -> Iterat
         raise RunDirError(f"{where}: cannot write there ({e.strerror}); choose another output.dir") from None
     with exclusive_lock(run_dir / LOCK_NAME, where, holder="another training", instead="choose another output.dir",
                         error=RunDirError):
+        remove_leftovers(run_dir)
         held = sorted(n for n in os.listdir(run_dir) if n != LOCK_NAME)
         if held and not resume:
             foreign = [n for n in held if not _is_run_file(n)]

@@ -3,7 +3,9 @@
 That makes a run reproducible across restarts, worker counts and process counts: a resumed run
 skips the batches already done and sees exactly the samples, in the same order and with the same
 random crops, that the uninterrupted run would have seen; and ``N`` processes with batch ``B``
-see together what one process with batch ``N x B`` sees.
+see together what one process with batch ``N x B`` sees. The position in an epoch is a global
+sample index, not a per-rank step, so a run resumed on another number of processes (with the same
+global batch) continues where the interrupted one stopped, each sample seen exactly once.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """Global batches of ``batch_size x world_size`` samples cut from a permutation seeded by
     (seed, epoch); this rank takes its contiguous slice of each. The last incomplete global batch
     is dropped so every rank runs the same number of steps. ``set_epoch(e, start)`` reseeds the
-    permutation and skips the first ``start`` batches (a mid-epoch resume)."""
+    permutation and starts at global sample index ``start`` (a mid-epoch resume: the samples done
+    by all ranks together), which must be a multiple of the global batch."""
 
     def __init__(self, size: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0):
         self.size, self.batch_size, self.rank, self.world_size, self.seed = size, batch_size, rank, world_size, seed
@@ -30,15 +33,18 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return self.size // (self.batch_size * self.world_size)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
+        step = self.batch_size * self.world_size
+        if start % step:
+            raise ValueError(f"start {start} is not a multiple of the global batch {step}")
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.batches_per_epoch - self.start
+        return self.batches_per_epoch - self.start // (self.batch_size * self.world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
         step = self.batch_size * self.world_size
-        for b in range(self.start, self.batches_per_epoch):
+        for b in range(self.start // step, self.batches_per_epoch):
             first = b * step + self.rank * self.batch_size
             yield order[first:first + self.batch_size].tolist()
 

@@ -9,19 +9,28 @@ no file is written with a NaN or Inf in it.
 
 Reproducibility rests on :mod:`hrnet.training.sampler`: sample order and crops are functions of
 (seed, epoch, position), and a checkpoint stores every generator's state plus the position in the
-epoch, so a resumed run continues bit for bit (CPU, ``train.deterministic``).
+epoch (a global sample index), so a resumed run continues bit for bit (CPU, ``train.deterministic``).
+
+Fault tolerance (docs/guides/cluster.md): ``resume="auto"`` (and any start under a torchrun restart,
+``TORCHELASTIC_RESTART_COUNT`` > 0) continues from the newest checkpoint or starts; SIGTERM/SIGUSR1
+finish the step in flight, write a checkpoint on every rank together and end the run with
+``TrainResult.stopped_by`` set (``hrnet train`` exits with :data:`EXIT_PREEMPTED`); a second signal ends
+the process at once. A resume on another number of processes keeps the run's global batch (and so
+its learning rate and schedule), each process taking ``global batch / processes``.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -39,13 +48,15 @@ from tqdm import tqdm
 from ..builder import create_model
 from ..data import DatasetError, EvalTransform, ImageDataset, collate, shard
 from ..data.augment import TrainTransform
-from ..distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from ..distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, guard,
+                           init_distributed)
 from ..errors import HRNetError
 from ..fileio import atomic_write
 from ..models import EvalConfig, resolve
 from ..weights import save_checkpoint
-from .config import Config, ConfigError, flatten
-from .rundir import claim_run_dir, read_jsonl, writing
+from .config import RESUMABLE, RESUMABLE_TEXT, Config, ConfigError, flatten
+from .optim import EMA, build_optimizer, build_scheduler, scaled_lr
+from .rundir import EXIT_PREEMPTED, claim_run_dir, read_jsonl, writing  # noqa: F401 (EXIT_PREEMPTED: API)
 from .state import ResumeError, checkpoints, first_nonfinite, load_state, prune, rng_state, save_state, set_rng_state
 from .sampler import EpochSeeded, ShardedBatchSampler
 from .syncbn import convert_sync_batchnorm
@@ -59,9 +70,6 @@ class NonFiniteWeightsError(HRNetError):
     """A weight or optimizer tensor holds NaN or Inf; no checkpoint was written with it."""
 
 
-# Keys a resumed run may change: none alters what the steps already taken compute. Changes are logged.
-RESUMABLE = frozenset({"schedule.epochs", "data.workers", "data.val", "data.val_ann", "data.prepare", "train.device",
-                       "output.dir", "output.log_every", "output.checkpoint_every", "output.keep_last"})
 # Where the initial weights came from: irrelevant once a checkpoint is loaded, so kept as the run began.
 STARTING_POINT = ("model.pretrained", "model.checkpoint")
 
@@ -74,31 +82,18 @@ class TrainResult:
     best_weights: Path | None  # hrnet weights file of the best epoch
     last_metric: float | None = None  # the same metric after the last epoch
     log: Path | None = None  # the run's log.jsonl
+    stopped_by: str | None = None  # "SIGTERM"/"SIGUSR1": stopped early with a checkpoint, to be resumed
 
 
-class EMA:
-    """Exponential moving average of a model's parameters and buffers."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for avg, cur in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if avg.dtype.is_floating_point:
-                avg.lerp_(cur, 1.0 - self.decay)
-            else:
-                avg.copy_(cur)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def lr_factor(step: int, total: int, warmup: int, scheduler: str) -> float:
-    """The learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine to 0 or flat."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if scheduler == "constant":
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def restart_count() -> int:
+    """How many times torchrun restarted this worker group (0 outside torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
 
 
 def eval_config(cfg: Config) -> EvalConfig:
@@ -161,10 +156,19 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, *, train_set: Dataset | None = None, val_set: Dataset | None = None,
-                 quiet: bool = False):
+                 quiet: bool = False, global_batch: int | None = None, source: str = "config"):
+        """``global_batch`` (from the checkpoint to resume) fixes the batch of all processes together;
+        each process takes ``global_batch / world size``. Default: ``data.batch_size`` x world size."""
         self.cfg, self.quiet = cfg, quiet
         check_device(cfg.train.device)
-        self.dist: DistInfo = init_distributed(cfg.train.device)
+        self.dist: DistInfo = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
+        ws = self.dist.world_size
+        if global_batch is not None and global_batch % ws:
+            fits = [n for n in range(1, global_batch + 1) if global_batch % n == 0][:8]
+            raise ConfigError(f"{source}: the run's global batch is {global_batch}; {ws} processes cannot split it "
+                              f"evenly; resume on {', '.join(map(str, fits))} ... processes (a divisor of "
+                              f"{global_batch}), or start a new run in another output.dir")
+        self.batch_size = global_batch // ws if global_batch is not None else cfg.data.batch_size
         self.device = torch.device(self.dist.device)
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -201,19 +205,17 @@ class Trainer:
         np.random.seed(cfg.train.seed + self.dist.rank)
         torch.manual_seed(cfg.train.seed + self.dist.rank)
 
-        self.global_batch = cfg.data.batch_size * self.dist.world_size
-        self.lr = cfg.optim.lr * self.global_batch / 256
-        self.optimizer = self._optimizer()
-        self.sampler = ShardedBatchSampler(len(train_set), cfg.data.batch_size, rank=self.dist.rank,
-                                           world_size=self.dist.world_size, seed=cfg.train.seed)
+        self.global_batch = self.batch_size * ws
+        self.lr = scaled_lr(cfg, self.global_batch)
+        self.optimizer = build_optimizer(cfg, self.model.parameters(), self.lr)
+        self.sampler = ShardedBatchSampler(len(train_set), self.batch_size, rank=self.dist.rank,
+                                           world_size=ws, seed=cfg.train.seed)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         if self.steps_per_epoch == 0:
             raise ConfigError(f"config: {len(train_set)} training images make no full global batch of "
                               f"{self.global_batch} (data.batch_size x processes)")
         self.total_steps = cfg.schedule.epochs * self.steps_per_epoch
-        warmup = round(cfg.schedule.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, cfg.schedule.scheduler))
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.step = 0
@@ -223,14 +225,8 @@ class Trainer:
         self.best_metric: float | None = None
         self.last_metric: float | None = None
         self.last_checkpoint: Path | None = None
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        params = self.model.parameters()
-        if o.name == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=o.weight_decay)
-        return torch.optim.SGD(params, lr=self.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
+        self.signalled: str | None = None  # the stop signal this process received
+        self.stopped_by: str | None = None  # set on every rank once the ranks agreed to stop
 
     # ---- state -------------------------------------------------------------------------------
 
@@ -244,6 +240,7 @@ class Trainer:
             "ema": self.ema.module.state_dict() if self.ema else None,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "sample_in_epoch": self.batch_in_epoch * self.global_batch,  # the sampler's global position
             "step": self.step,
             "epoch_sums": all_gather_objects(self.epoch_sums.clone()),
             "best_metric": self.best_metric,
@@ -272,22 +269,24 @@ class Trainer:
             self.last_checkpoint = path
         barrier()
 
-    def resume(self, path: str | os.PathLike | None = None) -> Path:
-        """Load a checkpoint (default: the newest in the run directory) and continue from its step."""
+    def resume(self, path: str | os.PathLike | None = None, state: dict[str, Any] | None = None) -> Path:
+        """Load a checkpoint (default: the newest in the run directory; ``state``: it, already loaded) and
+        continue from its step. Written by another number of processes, it continues at the same global
+        sample index with the same global batch (see :meth:`__init__`)."""
         if path is None:
             found = checkpoints(self.ckpt_dir)
             if not found:
                 raise ResumeError(f"{self.ckpt_dir}: no checkpoint to resume from")
             path = found[-1]
         path = Path(path)
-        state = load_state(path)
+        state = load_state(path) if state is None else state
         changed = self._adopt_config(state.get("config"), path)
-        if state.get("global_batch") != self.global_batch or state.get("world_size") != self.dist.world_size:
-            raise ResumeError(
-                f"{path}: written by {state.get('world_size')} process(es) with global batch "
-                f"{state.get('global_batch')}; resume with the same (now {self.dist.world_size}, {self.global_batch})")
+        if state.get("global_batch") != self.global_batch:
+            raise ResumeError(f"{path}: written with global batch {state.get('global_batch')}, this run has "
+                              f"{self.global_batch}; resume with hrnet train --resume, which keeps it")
         if self.ema and state.get("ema") is None:
             raise ResumeError(f"{path}: has no EMA weights but train.ema_decay is set")
+        same_world = state.get("world_size") == self.dist.world_size
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -295,10 +294,17 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             if self.ema:
                 self.ema.module.load_state_dict(state["ema"])
-            self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
-            self.epoch_sums = state["epoch_sums"][self.dist.rank]
+            self.epoch, self.step = state["epoch"], state["step"]
+            sample = state.get("sample_in_epoch", state["batch_in_epoch"] * state["global_batch"])
+            self.batch_in_epoch = sample // self.global_batch
+            if same_world:
+                self.epoch_sums = state["epoch_sums"][self.dist.rank]
+                set_rng_state(state["rng"][self.dist.rank])
+            else:  # the epoch's sums so far live on rank 0; generators restart from (seed, rank, step)
+                total = torch.stack(list(state["epoch_sums"])).sum(0)
+                self.epoch_sums = total if self.dist.is_main else torch.zeros_like(total)
+                torch.manual_seed(self.cfg.train.seed + 7919 * self.step + self.dist.rank)
             self.best_metric = state.get("best_metric")
-            set_rng_state(state["rng"][self.dist.rank])
         except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise ResumeError(f"{path}: does not fit this run's model and optimizer ({first}); resume with the "
@@ -306,12 +312,21 @@ class Trainer:
         self.last_checkpoint = path
         if self.dist.is_main:
             self._truncate_log()
+            record = {"kind": "resume", "epoch": self.epoch, "step": self.step, "checkpoint": str(path),
+                      "restart": restart_count(), "world_size": self.dist.world_size,
+                      "batch_per_process": self.batch_size}
+            if not same_world:
+                record["previous_world_size"] = state.get("world_size")
             if changed:
-                self._log({"kind": "resume", "epoch": self.epoch, "step": self.step, "checkpoint": str(path),
-                           "changed": {k: list(v) for k, v in changed.items()}})
-                if not self.quiet:
-                    tqdm.write("hrnet: resumed with " + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in
-                                                                   changed.items()), file=sys.stderr)
+                record["changed"] = {k: list(v) for k, v in changed.items()}
+            self._log(record)
+            if not self.quiet:
+                notes = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()]
+                if not same_world:
+                    notes.append(f"processes: {state.get('world_size')} -> {self.dist.world_size} (global batch "
+                                 f"{self.global_batch} kept, {self.batch_size} per process)")
+                tqdm.write(f"hrnet: resumed from {path} at step {self.step}" +
+                           (" with " + ", ".join(notes) if notes else ""), file=sys.stderr)
         return path
 
     def _adopt_config(self, saved: Any, path: Path) -> dict[str, tuple[Any, Any]]:
@@ -327,7 +342,7 @@ class Trainer:
         if refused:
             shown = "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in list(refused.items())[:3])
             raise ResumeError(f"{path}: {shown}; a resumed run keeps the recipe it was trained with (only "
-                              "schedule.epochs, data.workers, data.val, train.device and output.* may change): "
+                              f"{RESUMABLE_TEXT} may change): "
                               "drop the change or start a new run in another output.dir")
         m = self.cfg.model
         start = {k.split(".")[1]: old.get(k, getattr(m, k.split(".")[1])) for k in STARTING_POINT}
@@ -345,6 +360,8 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
+            with writing(self.log_path):
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)  # a Trainer used without train()
             with writing(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -365,21 +382,42 @@ class Trainer:
         seeded = EpochSeeded(self.train_set, cfg.train.seed)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=self.quiet or not self.dist.is_main or not sys.stderr.isatty())
+        previous = self._catch_signals()
         try:
-            while self.epoch < cfg.schedule.epochs:
+            while self.epoch < cfg.schedule.epochs and not self.stopped_by:
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.schedule.epochs}")
                 self._train_epoch(seeded, bar)
-                self._end_epoch()
+                if self.batch_in_epoch == self.steps_per_epoch:
+                    self._end_epoch()
+            if self.stopped_by:
+                self._log({"kind": "stopped", "epoch": self.epoch + 1, "step": self.step, "signal": self.stopped_by,
+                           "checkpoint": str(self.last_checkpoint)})
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             bar.close()
         best = self.run_dir / "best.safetensors"
         return TrainResult(self.run_dir, self.step, self.best_metric, best if best.exists() else None,
-                           self.last_metric, self.log_path)
+                           self.last_metric, self.log_path, self.stopped_by)
+
+    def _catch_signals(self) -> dict:
+        """SIGTERM/SIGUSR1: note it, so the ranks stop together after the step in flight (a second one
+        ends the process at once). Only the main thread can set handlers; elsewhere nothing changes."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.signalled:  # the second signal: no more waiting
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            self.signalled = signal.Signals(signum).name
+
+        return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
 
     def _train_epoch(self, seeded: EpochSeeded, bar: tqdm) -> None:
         cfg = self.cfg
         seeded.epoch = self.epoch
-        self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch)
+        self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.global_batch)
         loader = self._loader(seeded, batch_sampler=self.sampler)
         self.train_model.train()
         # running sums since the last log line and over the epoch: loss x n, correct, n
@@ -411,6 +449,10 @@ class Trainer:
                                 lr=f"{record['lr']:.3g}")
                 window.zero_()
                 tic = time.perf_counter()
+            if self.stopped_by:  # every rank agreed in this step's reduction: checkpoint and stop
+                if self.batch_in_epoch < self.steps_per_epoch:  # else the end of the epoch writes it
+                    self.save()
+                return
             if cfg.output.checkpoint_every and self.step % cfg.output.checkpoint_every == 0 \
                     and self.batch_in_epoch < self.steps_per_epoch:
                 self.save()
@@ -426,10 +468,21 @@ class Trainer:
         buffers = [b.clone() for b in self.model.buffers()] if skip_allowed else []
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
         autocast = torch.autocast(self.device.type, dtype=amp) if amp else nullcontext()
+        with guard(f"training step {self.step + 1}"):
+            return self._step(images, labels, autocast, amp, skip_allowed, buffers)
+
+    def _step(self, images, labels, autocast, amp, skip_allowed, buffers) -> torch.Tensor:
+        """The body of :meth:`_train_step`, whose collectives (this one's and DDP's) run under ``guard``."""
+        cfg = self.cfg
         with autocast:
             logits = self.train_model(images)
         loss = self.criterion(logits.float() if amp else logits, labels)
-        bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0]))
+        # one reduction per step carries both agreements: a non-finite loss anywhere, a stop signal anywhere
+        flags = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0,
+                                             1.0 if self.signalled else 0.0]))
+        bad = flags[:1]
+        if flags[1].item():
+            self.stopped_by = self.signalled or "a signal to another rank"
         if bad.item() and not skip_allowed:
             where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else \
                 "no checkpoint was written yet"
@@ -524,16 +577,46 @@ def train(cfg: Config, *, resume: bool | str | os.PathLike = False, force: bool 
     """Run the training ``cfg`` describes, holding ``output.dir`` locked for the run.
 
     ``resume=True`` continues from the newest checkpoint in ``output.dir``; a path continues from that
-    checkpoint. Otherwise ``output.dir`` must be empty or new, or with ``force`` hold only a previous
-    run, which is deleted first.
+    checkpoint; ``"auto"`` continues from the newest checkpoint if there is one and otherwise starts
+    (deleting what a previous attempt left without a checkpoint), the same command for the first start
+    and every restart. Under a torchrun restart (``TORCHELASTIC_RESTART_COUNT`` > 0) no ``resume``
+    means ``"auto"``. Otherwise ``output.dir`` must be empty or new, or with ``force`` hold only a
+    previous run, which is deleted first. Rank 0 decides and tells the others, so all ranks agree.
     """
     check_device(cfg.train.device)
-    dist = init_distributed(cfg.train.device)
-    claim = claim_run_dir(Path(cfg.output.dir), resume=bool(resume), force=force) if dist.is_main else nullcontext()
-    with claim:
-        if resume:  # the checkpoint brings the weights: do not fetch the starting ones
+    dist = init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
+    if not resume and restart_count() > 0:
+        resume = "auto"
+    ckpt_dir = Path(cfg.output.dir) / "checkpoints"
+    with contextlib.ExitStack() as stack:
+        decision: Any = None
+        if dist.is_main:
+            try:
+                path = None
+                if resume == "auto":
+                    found = checkpoints(ckpt_dir)
+                    path = str(found[-1]) if found else None
+                    stack.enter_context(claim_run_dir(Path(cfg.output.dir), resume=bool(found), force=not found))
+                else:
+                    stack.enter_context(claim_run_dir(Path(cfg.output.dir), resume=bool(resume), force=force))
+                    if resume:
+                        found = checkpoints(ckpt_dir) if resume is True else [Path(resume)]
+                        if not found:
+                            raise ResumeError(f"{ckpt_dir}: no checkpoint to resume from; pass --resume auto to "
+                                              "start when there is none")
+                        path = str(found[-1])
+                decision = path
+            except HRNetError as e:
+                decision = e
+        decision = broadcast_object(decision)
+        if isinstance(decision, BaseException):
+            raise decision
+        state = None
+        if decision is not None:  # the checkpoint brings the weights: do not fetch the starting ones
             cfg = replace(cfg, model=replace(cfg.model, pretrained=False, checkpoint=None))
-        trainer = Trainer(cfg, train_set=train_set, val_set=val_set, quiet=quiet)
-        if resume:
-            trainer.resume(None if resume is True else resume)
+            state = load_state(Path(decision))
+        trainer = Trainer(cfg, train_set=train_set, val_set=val_set, quiet=quiet, source=str(decision),
+                          global_batch=state.get("global_batch") if state else None)
+        if state is not None:
+            trainer.resume(decision, state)
         return trainer.fit()
