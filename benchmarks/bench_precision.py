@@ -42,12 +42,12 @@ from bench_inference import SIZE, TIMM_NAMES, cpu_name, serve, time_alternating,
 from helpers import randomize  # noqa: E402
 from test_weights import to_mmcls  # noqa: E402
 
-from hrnet.compare import compare  # noqa: E402
+from hrnet.deploy.compare import compare  # noqa: E402
 from hrnet.data import eval_transform, load_image  # noqa: E402
 from hrnet.deploy import make_runner  # noqa: E402
 from hrnet.deploy import OnnxRuntimeRunner  # noqa: E402
 from hrnet import create_model  # noqa: E402
-from hrnet.quantize import quantize_onnx  # noqa: E402
+from hrnet.deploy.quantize import quantize_onnx  # noqa: E402
 
 Runner = Callable[[torch.Tensor], object]
 BASELINE = "timm-onnxruntime"

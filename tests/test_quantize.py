@@ -19,10 +19,10 @@ import torch
 from onnx import TensorProto
 
 from hrnet.cli import main
-from hrnet.compare import compare, parse_spec
+from hrnet.deploy.compare import compare, parse_spec
 from hrnet.data import eval_transform, imagenet_wnids, load_image
 from hrnet.deploy import export_onnx
-from hrnet.quantize import QuantizeError, quantize_onnx
+from hrnet.deploy.quantize import QuantizeError, quantize_onnx
 from test_predict import CROP, MODEL, model_and_photos
 
 MARGIN = 1e-4  # a top-1 or top-5 decision closer than this (in log-probability) could flip with float rounding

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..compare import compare
+    from ..deploy.compare import compare
 
     if args.device not in (None, "cpu"):
         from ..errors import HRNetError

@@ -32,6 +32,24 @@ def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     add_precision_arg(p)
 
 
+def inference_options(args: argparse.Namespace) -> dict:
+    """The model and batching options of predict and eval, as the library takes them: one list for
+    every path (predict, predict --output, eval), so none drops one."""
+    options = dict(checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
+                   device=args.device, input_size=args.input_size, crop_pct=args.crop_pct, strict=args.strict,
+                   progress=show_progress(args), backend=args.backend, precision=args.precision)
+    return {**options, "topk": args.topk} if hasattr(args, "topk") else options
+
+
+def nothing_done(what: str, files: list[str]) -> int:
+    """Say, in one line, ``what`` went wrong ("no input could be classified"), with how many of the
+    ``files`` tried were empty or unreadable; the exit status 1."""
+    empty = sum(1 for f in files if os.path.isfile(f) and os.path.getsize(f) == 0)
+    print(f"hrnet: error: {what}: {len(files)} files found, {empty} empty, "
+          f"{len(files) - empty} unreadable", file=sys.stderr)
+    return 1
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "predict", "classify images: top-k ImageNet classes with probabilities",
                    "  hrnet predict hrnet-w18 examples/images\n"
@@ -66,10 +84,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("under torchrun, predict writes its records with --output FILE")
     from ..inference.predict import predict
 
-    records = predict(args.name, args.inputs, topk=args.topk, checkpoint=args.checkpoint,
-                      batch_size=args.batch_size, workers=args.workers, device=args.device,
-                      input_size=args.input_size, crop_pct=args.crop_pct, strict=args.strict,
-                      progress=show_progress(args), backend=args.backend, precision=args.precision)
+    records = predict(args.name, args.inputs, **inference_options(args))
     if args.json:
         print_json(records)
     for r in records:
@@ -80,8 +95,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for rank, t in enumerate(r["topk"], 1):
                 print(f"  {rank}. {100 * t['score']:6.2f}%  {t['label']} ({t['index']})")
     if not any("topk" in r for r in records):
-        print("hrnet: error: no input could be classified", file=sys.stderr)
-        return 1
+        return nothing_done("no input could be classified", [r["file"] for r in records])
     return 0
 
 
@@ -91,10 +105,8 @@ def predict_to_output(args: argparse.Namespace) -> int:
 
     info = init_distributed(args.device)
     try:
-        summary = predict_to_file(args.name, args.inputs, args.output, resume=args.resume, topk=args.topk,
-                                  checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
-                                  device=args.device, input_size=args.input_size, crop_pct=args.crop_pct,
-                                  strict=args.strict, progress=show_progress(args), backend=args.backend)
+        summary = predict_to_file(args.name, args.inputs, args.output, resume=args.resume,
+                                  **inference_options(args))
     finally:
         cleanup()
     if not info.is_main:
