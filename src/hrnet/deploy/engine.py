@@ -48,6 +48,10 @@ def batch_memory(batch_size: int, side: int) -> int:
     return batch_size * (64 * half * half * 4 * LIVE_TENSORS + 3 * side * side * 4 * QUEUED_BATCHES)
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def check_topk(topk: int) -> None:
     if topk < 1:
         raise ValueError("topk must be at least 1")
@@ -148,9 +152,8 @@ class Classifier:
         need, free = batch_memory(batch_size, self.transform.input_size), available_memory(self.device)
         if free is not None and need > free:
             raise UsageError(f"--batch-size {batch_size}: a batch of {batch_size} images at "
-                             f"{self.transform.input_size}x{self.transform.input_size} needs about "
-                             f"{need / 2**30:.1f} GiB, and {self.device} has {free / 2**30:.1f} GiB available; "
-                             "choose a smaller --batch-size")
+                             f"{self.transform.input_size}x{self.transform.input_size} needs about {_size(need)}, "
+                             f"and {self.device} has {_size(free)} available; choose a smaller --batch-size")
         loader = inference_loader(dataset, batch_size, workers, device=self.device)
         with tqdm(total=len(dataset), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
             for batch in loader:
