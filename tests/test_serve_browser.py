@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from test_predict import model_and_photos
+from test_predict import MODEL, model_and_photos
 from test_serve import EXAMPLES, start_server
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
@@ -44,6 +44,12 @@ def test_page_uploads_a_photo_and_shows_its_top5(tmp_path):
         assert [int(li.get_attribute("data-index")) for li in items] == [t["index"] for t in want]
         shown = [li.find_element(By.CLASS_NAME, "class-label").text for li in items]
         assert shown == [t["label"].split(",")[0] for t in want]
+        # the page describes the served model, not "ImageNet"
+        summary = driver.find_element(By.ID, "model-summary").text
+        assert MODEL in summary and "1000 classes" in summary, summary
+        assert "ImageNet" not in driver.find_element(By.TAG_NAME, "header").text
+        driver.find_element(By.ID, "model-summary").click()
+        assert driver.find_element(By.ID, "class-names").text.startswith("tench, Tinca tinca")
         driver.find_element(By.CLASS_NAME, "cam-button").click()
         wait.until(lambda d: d.execute_script(
             "const i = document.querySelector('img.cam'); return i && i.complete && i.naturalWidth > 0"))

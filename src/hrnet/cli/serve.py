@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from dataclasses import asdict
 
@@ -44,6 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB", help="request body limit (default 20)")
     p.add_argument("--upload-timeout", type=float, default=30.0, metavar="S",
                    help="a request body must arrive within this many seconds (default 30)")
+    p.add_argument("--header-timeout", type=float, default=5.0, metavar="S",
+                   help="a connection must send a complete request head within this many seconds of opening or of "
+                        "its last answer, else it is closed (idle and slowloris connections; default 5)")
+    p.add_argument("--max-connections", type=positive_int, default=1000, metavar="N",
+                   help="open connections; beyond it the ones waiting for a request head are closed, oldest first "
+                        "(default 1000; admission of work is --max-queue, never the socket count)")
     p.add_argument("--input-size", type=crop_size, default=None, metavar="PX",
                    help="centre-crop size (default: the model record's, 224)")
     p.add_argument("--crop-pct", type=crop_fraction, default=None, metavar="F", help="crop / resized short edge")
@@ -53,8 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
+        from ..serve import connections
         from ..serve.app import ENV_VAR, ServeConfig, build_classifier, config_env, create_app, default_backend
     except ImportError as e:
         raise ServeError(f"hrnet serve needs the serving extra ({e.name} is missing): "
@@ -62,6 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                              max_upload_mb=args.max_upload_mb, upload_timeout_s=args.upload_timeout)
+        if not args.header_timeout > 0:
+            raise ValueError(f"header_timeout must be > 0, got {args.header_timeout:g}")
     except ValueError as e:
         raise ServeError(f"invalid server options: {e}") from None
     if args.workers < 1:
@@ -71,16 +77,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "device": args.device, "input_size": args.input_size, "crop_pct": args.crop_pct}
     options = {"host": args.host, "port": args.port, "log_level": "warning" if args.quiet else "info",
                "access_log": False, "timeout_graceful_shutdown": 60, "proxy_headers": False,
-               # bounds the connections (each may hold a body up to the limit); uvicorn answers 503 beyond
-               "limit_concurrency": config.max_queue + 64}
-    # uvicorn drains on SIGTERM, then raises it again under the handler found at start: this one, so
-    # a drained server exits 0 (what an orchestrator expects of a clean stop)
-    signal.signal(signal.SIGTERM, lambda *_: None)
+               # read by connections.GuardedH11Protocol as its request-head deadline and connection cap
+               "timeout_keep_alive": args.header_timeout, "limit_concurrency": args.max_connections}
+    _raise_open_files(args.max_connections)
     if args.workers == 1:
         app = create_app(build_classifier(args.name, progress=show_progress(args), **build), config=config)
         _announce(args, config)
-        uvicorn.run(app, **options)
-        return 0
+        return _serve(connections, app, options)
     from ..builder import get_model_info
 
     get_model_info(args.name)  # an unknown name fails here in one line, not in every worker
@@ -89,8 +92,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     os.environ[ENV_VAR] = config_env(args.name, config, threads=threads, **build)
     _announce(args, config)
-    uvicorn.run("hrnet.serve.app:app_from_env", factory=True, workers=args.workers, **options)
+    return _serve(connections, "hrnet.serve.app:app_from_env", {**options, "factory": True, "workers": args.workers})
+
+
+def _serve(connections, app, options: dict) -> int:
+    if not connections.run(app, **options):
+        raise ServeError(f"the server did not start on {options['host']}:{options['port']} (see the log above)")
     return 0
+
+
+def _raise_open_files(connections: int) -> None:
+    """Lift the soft open-files limit towards the hard one, so that ``--max-connections`` sockets (plus
+    the model's files) fit: a full descriptor table would stop the server accepting anyone."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
 def _announce(args: argparse.Namespace, config) -> None:

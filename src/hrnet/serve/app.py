@@ -24,7 +24,7 @@ from importlib import resources
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from torch import nn
@@ -33,8 +33,8 @@ from ..data import ImageReadError, NotAnImageError, decode_image
 from ..deploy.engine import Classifier, topk_records
 from ..deploy.runners import serving_backend
 from .batcher import Batcher
-from .protocol import (IMAGE_INPUT, PROBS_OUTPUT, TENSOR_INPUT, RequestError, bad_request, infer_response,
-                       parse_hf_json, parse_infer, parse_int, parse_multipart, parse_top_k)
+from .protocol import (HEADER_LENGTH, IMAGE_INPUT, PROBS_OUTPUT, TENSOR_INPUT, RequestError, bad_request,
+                       infer_response, parse_hf_json, parse_infer, parse_int, parse_multipart, parse_top_k)
 
 log = logging.getLogger("hrnet.serve")
 ENV_VAR = "HRNET_SERVE_CONFIG"
@@ -88,6 +88,12 @@ class _Metrics:
         self.batch_seconds.observe(seconds)
 
 
+def class_names(clf: Classifier) -> list[str]:
+    """The names of the model's classes, index by index: the one place serving asks the model (or its
+    checkpoint) for them, for ``label``, the v2 classification strings, the model config and the page."""
+    return list(clf.labels)
+
+
 def _decode_error(e: ImageReadError) -> RequestError:
     if isinstance(e, NotAnImageError):
         return RequestError(415, "not_an_image", str(e))
@@ -99,12 +105,16 @@ class Server:
 
     def __init__(self, clf: Classifier, name: str, config: ServeConfig):
         self.clf, self.name, self.config = clf, name, config
+        self.labels = class_names(clf)
         self.limit = int(config.max_upload_mb * 2**20)
         self.batcher = Batcher(clf.logits, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1e3,
                                max_pending=config.max_queue)
         self.metrics = _Metrics(self.batcher)
         self.batcher.on_batch = self.metrics.batch
         self.decoder = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="hrnet-decode")
+        # one thread parses bodies: parsing holds the interpreter, and one contender for it leaves the
+        # event loop more of it than several
+        self.parser = ThreadPoolExecutor(1, thread_name_prefix="hrnet-parse")
         self.warm_up()
 
     def warm_up(self) -> None:
@@ -134,7 +144,15 @@ class Server:
         except TimeoutError:
             raise RequestError(408, "timeout", f"upload not complete within {self.config.upload_timeout_s:g} s "
                                                f"({size} bytes received)") from None
+        except ClientDisconnect:  # the client's doing, not ours: its own metric, never "internal"
+            raise RequestError(499, "client_disconnect", f"client closed the connection after {size} bytes "
+                                                         "of the body") from None
         return b"".join(chunks)
+
+    async def off_loop(self, fn: Callable, *args):
+        """``fn(*args)`` on a worker thread: parsing a large body must not stall the event loop (health
+        checks, other requests)."""
+        return await asyncio.get_running_loop().run_in_executor(self.parser, fn, *args)
 
     def _too_large(self, size: int, at_least: bool = False) -> RequestError:
         return RequestError(413, "too_large", f"body of {'more than ' if at_least else ''}{size} bytes exceeds "
@@ -167,24 +185,25 @@ class Server:
     async def v1_classify(self, request: Request) -> Response:
         """Raw image bytes → ``[{"label", "score", "index"}]``; multipart with files → one such list
         per file; Hugging Face JSON ``{"inputs": base64, "parameters": {"top_k": k}}`` → one list."""
-        n = len(self.clf.labels)
+        n = len(self.labels)
         k = parse_top_k(request.query_params["top_k"], n) if "top_k" in request.query_params else self.config.top_k
+        k = min(k, n)
         body = await self.read_body(request)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            files, fields = parse_multipart(body, ctype, self.config.max_files + 8)
+            files, fields = await self.off_loop(parse_multipart, body, ctype, self.config.max_files + 8)
             if not files:
                 raise bad_request("multipart body: no file part (send images as file fields)")
             if len(files) > self.config.max_files:
                 raise bad_request(f"multipart body: {len(files)} files; at most {self.config.max_files} per request")
             if "top_k" in fields:
                 k = parse_top_k(fields["top_k"], n)
-            return JSONResponse(topk_records(await self.classify(files), self.clf.labels, k))
+            return JSONResponse(topk_records(await self.classify(files), self.labels, k))
         if ctype.startswith("application/json"):
-            data, k = parse_hf_json(body, n, k)
+            data, k = await self.off_loop(parse_hf_json, body, n, k)
         else:
             data = body
-        return JSONResponse(topk_records(await self.classify([("upload", data)]), self.clf.labels, k)[0])
+        return JSONResponse(topk_records(await self.classify([("upload", data)]), self.labels, k)[0])
 
     async def v1_cam(self, request: Request) -> Response:
         """Raw image bytes → a PNG: Grad-CAM over the crop the model saw, next to the top-5 bars
@@ -193,7 +212,7 @@ class Server:
 
         if self.clf.model is None:
             raise RequestError(501, "unavailable", "Grad-CAM needs the PyTorch model; this server runs an ONNX file")
-        n = len(self.clf.labels)
+        n = len(self.labels)
         c = request.query_params.get("class_index")
         c = None if c is None else parse_int(c, 0, n - 1, "class_index")
         body = await self.read_body(request)
@@ -215,8 +234,27 @@ class Server:
             "name": self.name, "versions": ["1"], "platform": "hrnet",
             "inputs": [{"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]},
                        {"name": TENSOR_INPUT, "datatype": "FP32", "shape": [-1, 3, s, s]}],
-            "outputs": [{"name": PROBS_OUTPUT, "datatype": "FP32", "shape": [-1, len(self.clf.labels)]}],
+            "outputs": [{"name": PROBS_OUTPUT, "datatype": "FP32", "shape": [-1, len(self.labels)]}],
         })
+
+    async def v2_model_config(self, request: Request) -> Response:
+        """Triton's model configuration (what ``tritonclient``'s ``get_model_config`` reads): the batch
+        limit, inputs and output without the batch dimension, and the class names."""
+        self._check_name(request)
+        s = self.clf.transform.input_size
+        return JSONResponse({
+            "name": self.name, "platform": "hrnet", "backend": "hrnet", "max_batch_size": self.config.max_files,
+            "input": [{"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
+                      {"name": TENSOR_INPUT, "data_type": "TYPE_FP32", "dims": [3, s, s]}],
+            "output": [{"name": PROBS_OUTPUT, "data_type": "TYPE_FP32", "dims": [len(self.labels)]}],
+            "parameters": {"class_names": {"string_value": json.dumps(self.labels)}},
+        })
+
+    async def model_info(self, request: Request) -> Response:
+        """What the page shows and asks for: the model's name, class count, class names and input size."""
+        return JSONResponse({"name": self.name, "num_classes": len(self.labels), "labels": self.labels,
+                             "input_size": self.clf.transform.input_size, "top_k": min(self.config.top_k,
+                                                                                       len(self.labels))})
 
     async def v2_model_ready(self, request: Request) -> Response:
         self._check_name(request)
@@ -225,12 +263,18 @@ class Server:
     async def v2_infer(self, request: Request) -> Response:
         self._check_name(request)
         body = await self.read_body(request)
-        req = parse_infer(body, self.clf.transform.input_size, len(self.clf.labels), self.config.max_files)
+        header_length = request.headers.get(HEADER_LENGTH)
+        req = await self.off_loop(parse_infer, body, self.clf.transform.input_size, len(self.labels),
+                                  self.config.max_files, header_length)
         if req.images is not None:
             probs = await self.classify([(f"inputs[0].data[{i}]", d) for i, d in enumerate(req.images)])
         else:
             probs = await self.classify_tensor(req.tensor)
-        return JSONResponse(infer_response(self.name, req, probs, self.clf.labels))
+        answer, raw = infer_response(self.name, req, probs, self.labels)
+        if not req.binary_output:
+            return JSONResponse(answer)
+        head = json.dumps(answer).encode()
+        return Response(head + raw, media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(head))})
 
     def _check_name(self, request: Request) -> None:
         name = request.path_params["name"]
@@ -246,6 +290,7 @@ class Server:
     async def close(self) -> None:
         await self.batcher.close()
         self.decoder.shutdown(wait=True)
+        self.parser.shutdown(wait=True)
 
     def endpoint(self, label: str, fn: Callable[[Request], Awaitable[Response]]) -> Callable:
         """``fn`` with its refusals as JSON errors, and every answer counted and timed."""
@@ -257,6 +302,8 @@ class Server:
             except RequestError as e:
                 self.metrics.errors.labels(e.kind).inc()
                 response = JSONResponse({"error": str(e)}, e.status, headers=e.headers)
+                if e.kind == "client_disconnect":
+                    log.info("%s: %s", request.url.path, e)
             except Exception:
                 log.exception("internal error on %s", request.url.path)
                 self.metrics.errors.labels("internal").inc()
@@ -294,8 +341,11 @@ def create_app(model: Classifier | nn.Module | str, *, name: str | None = None, 
 
     ep = server.endpoint
     routes = [
-        Route("/", ep("page", server.page)),
+        Route("/", ep("page", server.page), methods=["GET"]),
+        # Hugging Face's InferenceClient(base_url=...) posts to the root, as HF endpoints take it
+        Route("/", ep("classify", server.v1_classify), methods=["POST"]),
         Route("/v1/classify", ep("classify", server.v1_classify), methods=["POST"]),
+        Route("/v1/model", ep("model_info", server.model_info)),
         Route("/v1/cam", ep("cam", server.v1_cam), methods=["POST"]),
         Route("/v2", ep("v2_server", _json({"name": "hrnet", "version": _version(),
                                               "extensions": ["classification"]}))),
@@ -303,6 +353,7 @@ def create_app(model: Classifier | nn.Module | str, *, name: str | None = None, 
         Route("/v2/health/ready", ep("ready", _json({"ready": True}))),
         Route("/v2/models/{name}", ep("v2_model", server.v2_model)),
         Route("/v2/models/{name}/ready", ep("v2_model_ready", server.v2_model_ready)),
+        Route("/v2/models/{name}/config", ep("v2_model_config", server.v2_model_config)),
         Route("/v2/models/{name}/infer", ep("v2_infer", server.v2_infer), methods=["POST"]),
         Route("/metrics", server.metrics_page),
     ]
