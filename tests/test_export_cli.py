@@ -61,5 +61,5 @@ def test_export_onto_its_own_checkpoint_is_refused_and_the_checkpoint_kept(tmp_p
     assert main(["export", "hrnet-w18-small", "--checkpoint", "w.safetensors", "-o", "./w.safetensors",
                  "--format", "onnx", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("hrnet: error: ./w.safetensors: is the same file as the input w.safetensors")
+    assert err.startswith("hrnet: error: w.safetensors: is the same file as the input w.safetensors")
     assert err.count("\n") == 1 and ckpt.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["w.safetensors"]
