@@ -42,11 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..deploy.bench import bench
     from ..deploy.ort import is_onnx_file
-    from ..deploy.runners import BACKENDS, backends_for
+    from ..deploy.runners import BACKENDS, precision_problem
 
     backends = args.backend
     if backends is None:  # every backend that runs the precision here; an unrunnable one says why
-        backends = ["onnxruntime"] if is_onnx_file(args.checkpoint) else backends_for(args.precision) or list(BACKENDS)
+        runs = [b for b in BACKENDS if precision_problem(args.precision or "fp32", b, "cpu") is None]
+        backends = ["onnxruntime"] if is_onnx_file(args.checkpoint) else runs or list(BACKENDS)
     if "onnxruntime" in backends:  # before minutes of measuring the other backends
         require("onnx", "hrnet bench --backend onnxruntime")
     results = []

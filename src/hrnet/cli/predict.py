@@ -13,8 +13,9 @@ from ._common import (add_model_args, add_output_args, add_parser, add_precision
                       positive_int, print_json, show_progress, worker_count)
 
 
-def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
-    """Options shared by predict and eval: preprocessing overrides, batching, bad-file policy."""
+def add_inference_args(p: argparse.ArgumentParser, batch_size: int, runs: bool = True) -> None:
+    """Options shared by predict, eval and compare: preprocessing overrides, batching; with ``runs``
+    (not compare, whose runs name them) the bad-file policy, backend and precision."""
     p.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N", help=f"default {batch_size}")
     p.add_argument("--workers", type=worker_count, default=None, metavar="N",
                    help="decoding processes; 0 decodes in-process (default: 0 on CPU, where the model "
@@ -24,6 +25,8 @@ def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--crop-pct", type=crop_fraction, default=None, metavar="F",
                    help="crop / resized short edge (default: the record's, 224/256); the short edge "
                         "becomes floor(input_size / crop_pct)")
+    if not runs:
+        return
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="eager: the model as built; fused: BN folded, channels-last; compile: torch.compile of "

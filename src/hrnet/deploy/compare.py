@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data import DatasetError, ImageDataset, ImageList, find_images
 from ..errors import HRNetError
-from .engine import Classifier
+from .engine import Classifier, build_model
 from .ort import BackendError, is_onnx_file
 from .runners import BACKENDS, precision_problem
 
@@ -100,19 +100,13 @@ def compare(model_or_name: nn.Module | str, data: str | os.PathLike, a: str, b: 
     model = None
 
     def torch_model() -> nn.Module:
-        """The PyTorch model, built (or downloaded) only if a run needs it: two .onnx runs need none."""
+        """The PyTorch model on the CPU (the caller's left where it is), built only if a run needs it:
+        two .onnx runs load no weights and download nothing."""
         nonlocal model
         if model is None:
-            if not isinstance(model_or_name, nn.Module):
-                from ..builder import create_model
-
-                model = create_model(model_or_name, pretrained=checkpoint is None, checkpoint=checkpoint,
-                                     progress=progress)
-            elif checkpoint is not None:
-                raise TypeError("checkpoint applies to a model name, not to a built model")
-            else:  # leave the caller's model where it is
-                on_cpu = next(model_or_name.parameters()).device.type == "cpu"
-                model = model_or_name if on_cpu else copy.deepcopy(model_or_name).cpu()
+            model = build_model(model_or_name, checkpoint, progress=progress)
+            if next(model.parameters()).device.type != "cpu":
+                model = copy.deepcopy(model).cpu()
         return model
 
     runs: dict[str, Classifier] = {}

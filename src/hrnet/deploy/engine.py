@@ -13,11 +13,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..builder import create_model
 from ..data import Batch, EvalTransform, ImageList, ImageReadError, class_names, eval_transform, inference_loader
 from ..distributed import default_device
 from ..errors import UsageError
 from ..models import resolve
-from .ort import BackendError, OnnxRuntimeRunner, import_onnxruntime, is_onnx_file, onnx_info
+from .ort import OnnxRuntimeRunner, is_onnx_file, onnx_info
 from .runners import Runner, make_runner
 
 PathLike = str | os.PathLike
@@ -46,6 +47,17 @@ def batch_memory(batch_size: int, side: int) -> int:
     the decoded inputs the loader queues (about 16 MB an image at 224)."""
     half = (side + 1) // 2
     return batch_size * (64 * half * half * 4 * LIVE_TENSORS + 3 * side * side * 4 * QUEUED_BATCHES)
+
+
+def build_model(model_or_name: nn.Module | str, checkpoint: PathLike | None = None, *,
+                progress: bool = False) -> nn.Module:
+    """A model object as is, or a zoo name with ``checkpoint`` (else its published weights, with a
+    download bar if ``progress``): the one place a command turns NAME [--checkpoint] into a model."""
+    if not isinstance(model_or_name, nn.Module):
+        return create_model(model_or_name, pretrained=checkpoint is None, checkpoint=checkpoint, progress=progress)
+    if checkpoint is not None:
+        raise TypeError("checkpoint applies to a model name, not to a built model")
+    return model_or_name
 
 
 def _size(n: int) -> str:
@@ -96,17 +108,8 @@ class Classifier:
         if is_onnx_file(checkpoint):
             return cls._from_onnx(model_or_name, checkpoint, input_size=input_size, crop_pct=crop_pct,
                                   backend=backend, precision=precision, threads=threads)
-        if isinstance(model_or_name, nn.Module):
-            if checkpoint is not None:
-                raise TypeError("checkpoint applies to a model name, not to a built model")
-            model = model_or_name
-        else:
-            from ..builder import create_model
-
-            model = create_model(model_or_name, pretrained=checkpoint is None, checkpoint=checkpoint,
-                                 progress=progress)
         device = device or default_device()
-        model = model.to(device).eval()
+        model = build_model(model_or_name, checkpoint, progress=progress).to(device).eval()
         transform = eval_transform(model, input_size, crop_pct)
         precision = precision or "fp32"
         runner = make_runner(model, backend or "eager", precision=precision, threads=threads,
@@ -128,17 +131,10 @@ class Classifier:
             raise UsageError(f"{path}: an ONNX file runs with the onnxruntime backend, not {backend}")
         if not os.path.isfile(path):
             raise UsageError(f"{path}: ONNX file not found")
-        import_onnxruntime()  # a missing extra is its own one-line error
-        try:
-            runner = OnnxRuntimeRunner(path, threads)
-        except BackendError:
-            raise
-        except Exception as e:  # onnxruntime raises its own types for a damaged file
-            raise UsageError(f"{path}: onnxruntime cannot load it ({type(e).__name__})") from None
-        info = onnx_info(path, runner.metadata, record=record, num_classes=classes, precision=precision,
-                         input_size=input_size)
-        transform = eval_transform(info.eval, info.input_size, crop_pct)
-        return cls(None, "cpu", transform, class_names(info.num_classes), runner, info.precision)
+        runner = OnnxRuntimeRunner(path, threads)  # a missing extra or a damaged file: one line
+        cfg, size, classes, precision = onnx_info(path, runner.metadata, record=record, num_classes=classes,
+                                                  precision=precision, input_size=input_size)
+        return cls(None, "cpu", eval_transform(cfg, size, crop_pct), class_names(classes), runner, precision)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.runner(images.to(self.device, non_blocking=True)).float()

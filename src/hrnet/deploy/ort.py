@@ -10,7 +10,6 @@ import json
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,17 +51,6 @@ def is_onnx_file(path: str | os.PathLike | None) -> bool:
     return path is not None and os.fspath(path).lower().endswith(".onnx")
 
 
-@dataclass(frozen=True)
-class OnnxInfo:
-    """What an hrnet ONNX file records about itself (``hrnet export``/``hrnet quantize`` metadata)."""
-
-    eval: EvalConfig  # the preprocessing it was exported with
-    input_size: int  # the graph's (square) input side
-    num_classes: int
-    precision: str  # fp32, or int8 for an ``hrnet quantize`` file
-    model: str | None  # the zoo name it was written for, where recorded
-
-
 def onnx_metadata(source) -> dict[str, str]:
     """The custom metadata of an ONNX file (a path, or an onnxruntime session of it): the one reader."""
     session = source if hasattr(source, "get_modelmeta") else ort_session(source, 1)
@@ -71,10 +59,11 @@ def onnx_metadata(source) -> dict[str, str]:
 
 def onnx_info(path: str | os.PathLike, meta: dict[str, str], *, record: ModelRecord | None = None,
               num_classes: int | None = None, precision: str | None = None,
-              input_size: int | None = None) -> OnnxInfo:
-    """Parse and check an hrnet ONNX file's metadata ``meta``: one line naming the file if it has none,
-    was written for a model other than ``record``, has other than ``num_classes`` classes, another
-    ``precision`` (a file runs as it was written; None asks nothing) or another ``input_size``."""
+              input_size: int | None = None) -> tuple[EvalConfig, int, int, str]:
+    """The preprocessing, (square) input side, class count and precision an hrnet ONNX file's metadata
+    ``meta`` records, checked: one line naming the file if it has none, was written for a model other
+    than ``record``, has other than ``num_classes`` classes, another ``precision`` (a file runs as it
+    was written; None asks nothing) or another ``input_size``."""
     if "hrnet.num_classes" not in meta or "hrnet.input_size" not in meta:
         raise UsageError(f"{path}: not an ONNX file written by hrnet export or hrnet quantize "
                          "(no hrnet.* metadata: input size, preprocessing and classes are unknown)")
@@ -95,7 +84,7 @@ def onnx_info(path: str | os.PathLike, meta: dict[str, str], *, record: ModelRec
         raise UsageError(f"{path}: the file has {classes} classes, the model {num_classes}")
     if input_size not in (None, h):
         raise UsageError(f"{path}: the file takes {h}x{h} images, not --input-size {input_size}")
-    return OnnxInfo(cfg, h, classes, check_file_precision(path, meta, precision), meta.get("hrnet.model"))
+    return cfg, h, classes, check_file_precision(path, meta, precision)
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):

@@ -79,11 +79,6 @@ def check_precision(precision: str, backend: str, device: str) -> None:
                       "int8 ('hrnet quantize') is the fast path here", PrecisionWarning, stacklevel=3)
 
 
-def backends_for(precision: str | None, device: str = "cpu") -> list[str]:
-    """The backends that run ``precision`` (default fp32) on ``device``, in BACKENDS order."""
-    return [b for b in BACKENDS if precision_problem(precision or "fp32", b, device) is None]
-
-
 def serving_backend(precision: str | None) -> str:
     """The backend to serve with unless one is named: onnxruntime, the fastest fp32 on CPU (and the runner
     of .onnx files), or ``fused`` for bf16/fp16, which onnxruntime does not run."""
