@@ -5,7 +5,7 @@ VENV := .venv
 # -qq: pip's errors only (no warnings about this machine's package mirrors)
 PIP := $(VENV)/bin/pip -qq --disable-pip-version-check --no-input
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast docs clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,17 @@ $(VENV)/.installed-test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/python examples/demo.py
 
+# Everything, as CI runs it (.ci/run), including the documentation build (tests/test_docs.py).
 test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -q
 
+# For the edit-test loop: leaves out the tests marked slow (subprocess, torchrun, browser, demo).
+test-fast: $(VENV)/.installed-test
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# The documentation site, into site/ (the test extra includes mkdocs).
+docs: $(VENV)/.installed-test
+	$(VENV)/bin/mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build site src/*.egg-info .pytest_cache

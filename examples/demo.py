@@ -70,18 +70,17 @@ def weights_unreachable(name: str, timeout: float) -> str | None:
     """Why ``name``'s published weights cannot be had right now, or None if they can (cached, in a
     mirror folder, or the mirror/publisher's host accepts a connection within ``timeout`` seconds)."""
     import hrnet
-    from hrnet.weights.download import cache_dir
+    from hrnet.weights import download  # the library's own cache and mirror rules, not a copy of them
 
     info = hrnet.get_model_info(name)
-    if (cache_dir() / info["filename"]).is_file():
+    if download.cached(info["url"], info["filename"]):
         return None
-    if os.environ.get("HRNET_OFFLINE", "") not in ("", "0"):
+    if download.offline():
         return "HRNET_OFFLINE is set and they are not in the cache"
-    mirror = os.environ.get("HRNET_MIRROR")
-    if mirror and not mirror.startswith(("http://", "https://")):
-        found = (Path(mirror).expanduser() / info["filename"]).is_file()
-        return None if found else f"they are not in the mirror folder {mirror}"
-    url = urlsplit(mirror or info["url"])
+    source = download.source_of(info["url"], info["filename"])
+    if not download.is_url(source):
+        return None if Path(source).is_file() else f"they are not in the mirror folder {os.environ['HRNET_MIRROR']}"
+    url = urlsplit(source)
     port = url.port or (443 if url.scheme == "https" else 80)
     outcome: list[str | None] = []
 

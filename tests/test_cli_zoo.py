@@ -60,6 +60,7 @@ def test_every_subcommand_has_examples_json_and_quiet():
         assert {"--json", "--quiet"} <= options, name
 
 
+@pytest.mark.slow
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "hrnet", "--help"], capture_output=True, text=True, check=True)
     assert "examples:" in out.stdout and "COMMAND" in out.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 import timm
@@ -11,6 +12,7 @@ import torch
 from helpers import randomize
 from test_weights import assert_logits_close, logits, to_mmcls
 
+import hrnet
 from hrnet.cli import main
 from hrnet import create_model
 from hrnet.weights import load_checkpoint
@@ -63,3 +65,41 @@ def test_convert_refuses_a_wrong_model_or_layout(tmp_path, reference, capsys, ex
     err = capsys.readouterr().err
     assert err.startswith("hrnet: error: ") and message in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_convert_refuses_to_overwrite_its_own_input_by_any_name(tmp_path, capsys, monkeypatch):
+    # issue 22 §1: `convert c.safetensors c.safetensors --to timm` replaced the input with a torch zip (exit 0)
+    src = tmp_path / "c.safetensors"
+    hrnet.save_checkpoint(randomize(create_model(SMALL), seed=8), src)
+    before = src.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(src)
+    os.link(src, tmp_path / "hard.safetensors")
+    monkeypatch.chdir(tmp_path)
+    for dst in (str(src), "link.safetensors", "hard.safetensors", "./c.safetensors"):
+        assert main(["convert", "c.safetensors", dst, "--to", "timm"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is the same file as the input c.safetensors" in err, err
+    assert src.read_bytes() == before
+
+
+def test_readers_pick_the_container_from_the_bytes_and_writers_never_misname_one(tmp_path, x, capsys):
+    model = randomize(create_model(SMALL), seed=9)
+    torch.save(model.state_dict(), tmp_path / "zip.safetensors")  # a torch zip under a safetensors name
+    hrnet.save_checkpoint(model, tmp_path / "st.safetensors")
+    (tmp_path / "st.safetensors").rename(tmp_path / "st.pth")  # safetensors under a torch name
+    for name in ("zip.safetensors", "st.pth"):
+        assert torch.equal(logits(create_model(SMALL, checkpoint=tmp_path / name), x), logits(model, x))
+    # timm's layout under a .safetensors name is safetensors (timm reads both); timm loads it strictly
+    assert main(["convert", str(tmp_path / "st.pth"), str(tmp_path / "timm.safetensors"), "--to", "timm", "-q"]) == 0
+    assert (tmp_path / "timm.safetensors").read_bytes()[8:9] == b"{"
+    reference = timm.create_model("hrnet_w18_small", pretrained=False)
+    timm.models.load_checkpoint(reference, str(tmp_path / "timm.safetensors"), strict=True)
+    assert_logits_close(logits(reference, x), logits(model, x))
+    # no container under another's name: one line saying which name to use
+    for args, message in ((["mm.safetensors", "--to", "mmcls"], "the mmcls layout is a torch file"),
+                          (["w.pth"], "hrnet's format is a safetensors file, not torch as the name says; name it w.safetensors"),
+                          (["w.onnx", "--to", "official"], "not onnx as the name says; name it w.pth")):
+        assert main(["convert", str(tmp_path / "st.pth"), str(tmp_path / args[0]), *args[1:]]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / args[0]).exists()

@@ -60,6 +60,7 @@ def test_fused_model_handles_inputs_not_divisible_by_32(w18):
         assert rel_err(fuse_model(w18)(x), w18(x)) < RTOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_backend_gives_the_eager_logits(backend):
     model = randomize(create_model("hrnet-w18-small"))

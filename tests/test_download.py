@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -43,7 +47,9 @@ def test_pretrained_downloads_verifies_and_reuses_the_cache(server, home, weight
     first = create_model(SMALL)
     load_weights(first, record)
     assert same_weights(first, model)
-    assert (home / name).read_bytes() == data and sorted(p.name for p in home.iterdir()) == [name]
+    entry = download.cache_path(record.url, name)
+    assert entry.read_bytes() == data and [p.parent for p in home.glob("*/*")] == [entry.parent] * 2
+    assert sorted(p.name for p in entry.parent.iterdir()) == sorted([name, download.RECORD])
     second = create_model(SMALL)
     load_weights(second, record)
     assert same_weights(second, model)
@@ -56,7 +62,7 @@ def test_checkpoint_url_is_cached_and_hash_checked(server, home, weights):
     url = f"{server.url}/x/w-{sha[:10]}.safetensors"
     assert same_weights(create_model(SMALL, checkpoint=url), model)
     assert same_weights(create_model(SMALL, checkpoint=url), model)
-    assert len(server.requests) == 1 and (home / f"w-{sha[:10]}.safetensors").is_file()
+    assert len(server.requests) == 1 and download.cache_path(url).is_file()
 
 
 def test_concurrent_fetches_download_once(server, home, weights):
@@ -73,7 +79,8 @@ def test_concurrent_fetches_download_once(server, home, weights):
     for t in threads:
         t.join()
     assert server.requests == [f"/c/{name}"]
-    assert paths == [home / name] * 3 and (home / name).read_bytes() == data
+    entry = download.cache_path(f"{server.url}/c/{name}")
+    assert paths == [entry] * 3 and entry.read_bytes() == data
 
 
 def test_hash_mismatch_is_rejected_and_nothing_cached(server, home, weights):
@@ -104,7 +111,7 @@ def test_mirror_url_and_directory_serve_the_same_file_names(server, home, weight
     load_weights(first, record)
     assert same_weights(first, model) and server.requests == [f"/mirror/{name}"]
 
-    (home / name).unlink()
+    download.cache_path(record.url, name).unlink()
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     (mirror / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # a corrupt mirror copy
@@ -124,7 +131,7 @@ def test_offline_never_touches_the_network(server, home, weights, monkeypatch):
     monkeypatch.setenv("HRNET_OFFLINE", "1")
     with pytest.raises(DownloadError) as e:
         create_model(SMALL, checkpoint=f"{server.url}/{name}")
-    for part in (f"{server.url}/{name}", str(home / name), "checkpoint=", "--checkpoint"):
+    for part in (f"{server.url}/{name}", str(download.cache_path(f"{server.url}/{name}")), "checkpoint=", "--checkpoint"):
         assert part in str(e.value)
     assert server.requests == []
     monkeypatch.delenv("HRNET_OFFLINE")
@@ -145,7 +152,7 @@ def test_unreachable_host_fails_fast_naming_url_cache_and_local_file_option(home
     with pytest.raises(DownloadError) as e:
         create_model(SMALL, checkpoint=url)
     assert time.monotonic() - start < 5
-    for part in (url, str(home / "hrnet-w18-0c10b180.pth"), "checkpoint=", "--checkpoint"):
+    for part in (url, str(download.cache_path(url)), "checkpoint=", "--checkpoint"):
         assert part in str(e.value)
 
 
@@ -160,3 +167,59 @@ def test_silent_host_times_out(home, monkeypatch):
         with pytest.raises(DownloadError, match="timed out"):
             create_model(SMALL, checkpoint=url)
         assert time.monotonic() - start < 5
+
+
+def _other_weights(tmp_path: Path) -> bytes:
+    torch.manual_seed(1)
+    return save_checkpoint(create_model(SMALL), tmp_path / "other.safetensors").read_bytes()
+
+
+def test_one_file_name_at_two_urls_is_two_entries_each_checked_on_reuse(server, home, weights, tmp_path, capsys):
+    # issue 22 §2: the cache was keyed by file name, so teamB got teamA's weights (this fails on that code)
+    from hrnet.cli import main
+
+    data_a, sha_a, _ = weights
+    data_b = _other_weights(tmp_path)
+    url_a, url_b = f"{server.url}/teamA/model.safetensors", f"{server.url}/teamB/model.safetensors"
+    server.files["/teamA/model.safetensors"], server.files["/teamB/model.safetensors"] = data_a, data_b
+    for url, sha in ((url_a, sha_a), (url_b, hashlib.sha256(data_b).hexdigest())):
+        with pytest.warns(UserWarning, match="no published checksum"):
+            assert main(["convert", url, str(tmp_path / "out.safetensors"), "--json", "-q"]) == 0
+        assert json.loads(capsys.readouterr().out)["source_sha256"] == sha
+    a, b = download.cache_path(url_a), download.cache_path(url_b)
+    assert a != b and a.read_bytes() == data_a and b.read_bytes() == data_b
+    assert json.loads((a.parent / download.RECORD).read_text()) == {"url": url_a, "size": len(data_a), "sha256": sha_a}
+    assert download.fetch(url_a, progress=False) == a and len(server.requests) == 2  # a reuse asks nobody
+    a.write_bytes(data_b)  # another user's bytes swapped in under teamA's entry
+    with pytest.warns(UserWarning, match=f"{a}: the cached file is not what {url_a} served"):
+        assert download.fetch(url_a, progress=False).read_bytes() == data_a
+    assert server.requests.count("/teamA/model.safetensors") == 2
+
+
+def test_a_hash_named_entry_with_a_rewritten_record_is_still_verified(server, home, weights, tmp_path):
+    data, sha, _ = weights
+    url = f"{server.url}/h/w-{sha[:8]}.safetensors"
+    server.files[f"/h/w-{sha[:8]}.safetensors"] = data
+    path = download.fetch(url, progress=False)
+    other = _other_weights(tmp_path)  # other bytes, and a record that agrees with them but not with the name
+    path.write_bytes(other)
+    (path.parent / download.RECORD).write_text(json.dumps(
+        {"url": url, "size": len(other), "sha256": hashlib.sha256(other).hexdigest()}))
+    with pytest.warns(UserWarning, match="not what"):
+        assert download.fetch(url, progress=False).read_bytes() == data
+    assert len(server.requests) == 2
+
+
+def test_two_processes_sharing_a_home_each_get_their_own_urls_bytes(server, home, weights, tmp_path):
+    data_a, _, _ = weights
+    data_b = _other_weights(tmp_path)
+    server.files["/teamA/model.safetensors"], server.files["/teamB/model.safetensors"] = data_a, data_b
+    server.delay = 1.0  # both downloads are in flight at once
+    code = ("import hashlib, sys, warnings; warnings.simplefilter('ignore'); from hrnet.weights import download; "
+            "print(hashlib.sha256(download.fetch(sys.argv[1], progress=False).read_bytes()).hexdigest())")
+    children = [subprocess.Popen([sys.executable, "-c", code, f"{server.url}/{team}/model.safetensors"],
+                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                for team in ("teamA", "teamB")]
+    got = [c.communicate(timeout=120)[0].strip() for c in children]
+    assert [c.returncode for c in children] == [0, 0]
+    assert got == [hashlib.sha256(data_a).hexdigest(), hashlib.sha256(data_b).hexdigest()]

@@ -120,6 +120,7 @@ def test_labels_beyond_the_model_are_a_clear_error(setup, tmp_path, capsys):
     assert "label 1000" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_on_an_odd_count(setup, tmp_path, capsys):
     _, ckpt, _, labels, root = setup
     data = tmp_path / "val"

@@ -33,6 +33,7 @@ def test_fused_model_matches_eager(model):
     assert_fused_matches_eager(model)
 
 
+@pytest.mark.slow
 def test_onnx_has_a_dynamic_batch_and_matches_eager_under_onnxruntime(model, tmp_path):
     path = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -44,6 +45,7 @@ def test_onnx_has_a_dynamic_batch_and_matches_eager_under_onnxruntime(model, tmp
         assert rel_err(got, eager(model, x)) < RTOL
 
 
+@pytest.mark.slow
 def test_pt2_has_a_dynamic_batch_and_matches_eager(model, tmp_path):
     path = export_pt2(model, tmp_path / "m.pt2", input_size=SIZE)
     program = torch.export.load(path).module()
@@ -52,6 +54,7 @@ def test_pt2_has_a_dynamic_batch_and_matches_eager(model, tmp_path):
         assert rel_err(program(x), eager(model, x)) < RTOL
 
 
+@pytest.mark.slow
 def test_fixed_batch_exports_carry_the_preprocessing_settings(tmp_path):
     model = randomize(create_model("hrnet-w18-small"))
     onnx_path = export_onnx(model, tmp_path / "m.onnx", batch=2, input_size=SIZE)
@@ -74,6 +77,7 @@ def test_fixed_batch_exports_carry_the_preprocessing_settings(tmp_path):
         assert json.loads(meta["hrnet.input_size"]) == list(SIZE)
 
 
+@pytest.mark.slow
 def test_a_wrong_export_is_caught_by_the_check(tmp_path, monkeypatch):
     model = randomize(create_model("hrnet-w18-small"))
     from hrnet.deploy import fold as optimize

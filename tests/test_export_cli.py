@@ -6,6 +6,7 @@ import json
 import os
 
 import onnxruntime as ort
+import pytest
 import torch
 
 from hrnet.cli import main
@@ -16,6 +17,7 @@ from helpers import randomize, rel_err
 from test_deploy import RTOL
 
 
+@pytest.mark.slow
 def test_export_command_writes_a_checked_onnx_file_from_a_checkpoint(tmp_path, capsys):
     model = randomize(create_model("hrnet-w18-small"))
     ckpt = save_checkpoint(model, tmp_path / "w.safetensors")
@@ -39,6 +41,7 @@ def test_export_command_rejects_an_unknown_extension_and_opset_for_pt2(tmp_path,
     assert "--opset applies to ONNX only" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_command_reports_every_key_per_backend(capsys):
     assert main(["bench", "hrnet-w18-small", "--backend", "eager", "fused", "--input-size", "64", "64",
                  "--batch-size", "2", "--iters", "3", "--json"]) == 0

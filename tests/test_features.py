@@ -165,6 +165,7 @@ def test_backbone_only_file_loads_into_the_dense_extractor(tmp_path):
     assert all(torch.equal(dense.state_dict()[k], v) for k, v in trunk.items())
 
 
+@pytest.mark.slow
 def test_segmentation_example_runs_and_prints_miou(tmp_path):
     checkpoint = tmp_path / "small.safetensors"
     save_checkpoint(randomize(hrnet.create_model(SMALL), seed=43), checkpoint)

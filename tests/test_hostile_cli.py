@@ -169,6 +169,7 @@ def run_child(args: list[str], fsize: int | None = None, timeout: float = 300) -
     return p.returncode, p.stderr
 
 
+@pytest.mark.slow
 def test_bench_reports_a_bad_checkpoint_in_the_child_as_its_message(files):
     code, err = run_child(["bench", "hrnet-w18-small", "--backend", "eager", "--iters", "1", "--warmup", "0",
                            "--input-size", "32", "32", "--checkpoint", str(files / "afile")])
@@ -176,6 +177,7 @@ def test_bench_reports_a_bad_checkpoint_in_the_child_as_its_message(files):
     assert "CheckpointError" not in err  # the child's message, not its exception's repr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, suffix", [("export", ".pt2"), ("export", ".onnx"), ("cam", ".png")])
 def test_a_full_disk_keeps_the_old_file_and_says_so_in_one_line(files, tmp_path, command, suffix):
     """RLIMIT_FSIZE stands in for a full disk. Before: .pt2 aborted the interpreter (rc 134) and cam
@@ -191,6 +193,7 @@ def test_a_full_disk_keeps_the_old_file_and_says_so_in_one_line(files, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_data_digits_onto_a_full_disk_names_the_folder_and_leaves_nothing(tmp_path):
     code, err = run_child(["data", "digits", str(tmp_path / "d")], fsize=100)
     assert_one_line(code, err, f"cannot write {tmp_path / 'd'}", "File too large")
@@ -218,6 +221,7 @@ def deep_torch_zip(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_resume_from_a_deep_pickle_is_one_line_not_a_dead_interpreter(tmp_path):
     deep = deep_torch_zip(tmp_path / "step-00000005.pt")
     script = ("import sys; from hrnet.errors import HRNetError; from hrnet.training.state import load_state\n"

@@ -92,6 +92,7 @@ print(json.dumps({"samples": ds.samples, "found": find_images(sys.argv[1])}))
 """
 
 
+@pytest.mark.slow
 def test_symlink_loops_end_and_every_file_counts_once_under_its_own_folder(tmp_path):
     # today: 'self -> .' counts a.png 41 times, and with 'up -> ..' beside it the walk never ends
     w = imagenet_wnids()
@@ -130,6 +131,7 @@ for ann in sys.argv[2:]:
 """
 
 
+@pytest.mark.slow
 def test_annotation_files_with_absurd_labels_or_sizes_are_refused_by_line(tmp_path):
     image(tmp_path / "a.png")
     bomb = tmp_path / "bomb.txt"
@@ -175,6 +177,7 @@ print(json.dumps({"indices": batch.indices.tolist(), "corners": batch.images.tol
 """
 
 
+@pytest.mark.slow
 def test_images_that_exhaust_memory_are_refused_or_decoded_within_1GB(tmp_path):
     # today: the 16-bit PNG needs 1.9 GB (MemoryError under the cap), the 144 MP one decodes
     small = image(tmp_path / "small.png", 9)

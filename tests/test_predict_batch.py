@@ -111,6 +111,7 @@ def test_a_torn_last_line_is_dropped_and_resume_completes_the_file(setup, tmp_pa
     assert_same_records(read_lines(out), expected)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_way_resumes_to_every_file_once(setup, tmp_path, capsys):
     ckpt, inputs, expected = setup
     photos = Path(inputs[0])
@@ -154,6 +155,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_write_every_file_once_as_one_process_does(setup, tmp_path):
     ckpt, inputs, expected = setup
     single = tmp_path / "single.jsonl"
@@ -166,6 +168,7 @@ def test_torchrun_two_processes_write_every_file_once_as_one_process_does(setup,
     assert os.listdir(out.parent) == ["preds.jsonl"]
 
 
+@pytest.mark.slow
 def test_torchrun_resumes_a_run_of_another_world_size(setup, tmp_path):
     ckpt, inputs, expected = setup
     out = tmp_path / "preds.jsonl"
@@ -188,6 +191,7 @@ MERGE = """
 """
 
 
+@pytest.mark.slow
 def test_merge_streams_records_it_could_not_hold_in_memory(tmp_path):
     """4,000 records of 40 kB (160 MB) from three out-of-order parts (one record repeated), merged in a
     process allowed 64 MB more than its imports: it must stream, and put every file once, in input order."""

@@ -34,6 +34,7 @@ from test_transforms import mmcls_reference
 
 pytest.importorskip("uvicorn", reason="hrnet[serve] is not installed")
 pytest.importorskip("prometheus_client", reason="hrnet[serve] is not installed")
+pytestmark = pytest.mark.slow  # the tests talk to `hrnet serve` running as a subprocess
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                 reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)")
 
 
+@pytest.mark.slow
 def test_page_uploads_a_photo_and_shows_its_top5(tmp_path):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By

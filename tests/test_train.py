@@ -119,6 +119,7 @@ output: {{log_every: 1, checkpoint_every: 3, keep_last: 10}}
 """
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_ends_with_identical_weights(tmp_path):
     write_digits(tmp_path / "d", size=32, per_class=8)  # 60 training images: 10 steps of 6 per epoch
     cfg = run_config(tmp_path, "resume", RESUME_CFG.format(data=tmp_path / "d"))
@@ -191,6 +192,7 @@ output: {{log_every: 1}}
 """
 
 
+@pytest.mark.slow
 def test_two_processes_with_syncbn_match_one_process_with_the_same_global_batch(tmp_path):
     write_digits(tmp_path / "d", size=32, per_class=4, held_out=0.0)  # 40 images: 5 global batches of 8
     cfg = run_config(tmp_path, "ddp", DDP_CFG.format(data=tmp_path / "d"))

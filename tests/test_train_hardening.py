@@ -95,6 +95,7 @@ def run_limited(*commands: list[str], timeout: float = 120, memory_mb: int = 102
 
 # ---- the config file -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hostile_config_files_fail_fast_in_one_line_within_bounded_memory(tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("model:\n  name: " + "[" * 5000 + "]" * 5000 + "\n")
@@ -163,6 +164,7 @@ def test_errors_never_print_a_huge_value():
 
 # ---- the run directory -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_training_in_a_locked_run_dir_fails_at_once(tmp_path, digits):
     cfg, run = tiny_cfg(tmp_path, digits, epochs=50)
     first = subprocess.Popen(hrnet_cmd("train", str(cfg), "-q"), env=ENV, stdout=subprocess.DEVNULL,
@@ -319,6 +321,7 @@ def test_read_only_output_folder_is_a_one_line_error(tmp_path, digits, capsys):
     assert_one_line_error(rc, err, "cannot write there (Permission denied)")
 
 
+@pytest.mark.slow
 def test_resume_from_a_fifo_is_refused_instead_of_waiting(tmp_path, digits):
     cfg, _ = tiny_cfg(tmp_path, digits)
     fifo = tmp_path / "step.pt"
@@ -351,6 +354,7 @@ def test_finetune_recipe_starts_offline_from_a_checkpoint_file(tmp_path, digits,
     assert saved.model.checkpoint == str(weights) and not saved.model.pretrained
 
 
+@pytest.mark.slow
 def test_quiet_prints_results_only_and_no_bars_go_into_a_pipe(tmp_path, digits):
     cfg, run = tiny_cfg(tmp_path, digits)
     loud = subprocess.run(hrnet_cmd("train", str(cfg)), env=ENV, capture_output=True, text=True, timeout=300)

@@ -61,7 +61,7 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_hrnet_format_round_trip_gives_identical_logits_and_metadata(tmp_path, x):
     model = randomize(create_model(SMALL, num_classes=7))
-    path = save_checkpoint(model, tmp_path / "mine.bin", metadata={"note": "fine-tuned"})
+    path = save_checkpoint(model, tmp_path / "mine.safetensors", metadata={"note": "fine-tuned"})
     loaded = create_model(SMALL, num_classes=7, checkpoint=path)
     assert torch.equal(logits(loaded, x), logits(model, x))
     sd, meta = load_checkpoint(path)

@@ -1,7 +1,9 @@
 """The ``hrnet`` command. Every module of this package adds its subcommands through ``register``.
 
 A user's mistake or the machine's state (a full disk, a missing permission) ends in one line on
-stderr and exit code 1; ``HRNET_DEBUG=1`` shows the traceback instead.
+stderr and exit code 1; ``HRNET_DEBUG=1`` shows the traceback instead. No Python warning reaches the
+user raw: hrnet's own are one line in its words (``hrnet: warning: ...``), other packages' are
+dropped (``HRNET_DEBUG=1`` shows them as Python would).
 
 Output rule shared by every command: results go to stdout always (also under ``--quiet``); chatter
 (what is about to happen) goes nowhere under ``--quiet``; progress bars go to stderr only when it is
@@ -11,10 +13,14 @@ a terminal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
 import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 from ..errors import HRNetError
 
@@ -63,10 +69,35 @@ def _one_line(e: BaseException) -> str:
     return str(e).replace("\n", " ")
 
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def warnings_in_our_words() -> Iterator[None]:
+    """While a command runs, show each warning hrnet itself raises once, as one line without a source
+    line, and drop those of other packages (torch's scheduler and DataLoader notices, PIL's...): what
+    they say is either handled by hrnet or not the user's business. ``HRNET_DEBUG=1`` leaves Python's
+    own display in place."""
+    if os.environ.get("HRNET_DEBUG"):
+        yield
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+            first = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+            print(f"hrnet: warning: {first}", file=file or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # each distinct warning once per place, not once per batch
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     try:
-        code = args.func(args) or 0
+        with warnings_in_our_words():
+            code = args.func(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..weights import LAYOUTS, convert_checkpoint
-from ..weights.writers import WRITABLE
+from ..weights import LAYOUTS, WRITABLE, convert_checkpoint
 from ._common import add_output_args, add_parser, print_json, show_progress
 
 EXAMPLES = """\

@@ -1,82 +1,38 @@
-"""Writing hrnet's weights in other libraries' layouts: the inverse of :func:`~hrnet.weights.formats.convert`.
-
-Most users of these ImageNet weights start a segmentation, detection or pose model from them in a
-codebase that loads the official ``cls_hrnet.py`` names (REFERENCE.md §8). Every layout here is
-renamed by the same tables :mod:`.formats` reads with, and each result is read back by them before
-it is returned, so anything written converts back to the identical hrnet state dict:
-
-- ``official`` / ``timm``: a plain state dict in the official names (timm uses the same), plus the
-  biases the official head convs ``downsamp_modules.{i}.0`` and ``final_layer.0`` carry. hrnet keeps
-  no such bias (it was folded into BatchNorm's running_mean on reading); writing bias 0 with BatchNorm
-  unchanged is exact, and reading folds 0 back. timm builds ``hrnet_w18_ssld``/``hrnet_w48_ssld`` without
-  those biases: an ssld model's ``timm`` file loads strictly into ``hrnet_w18``/``hrnet_w48`` (same trunk).
-- ``mmcls``: ``{"meta": {...}, "state_dict": {...}}``, the backbone under ``backbone.``, the head
-  under ``neck.0.`` and ``head.fc.``; no head-conv biases (mmcls builds those convs with ``bias=False``).
-- ``hrnet``: our own names, unchanged.
-
-``backbone_only`` drops the classification head (incre modules, downsampling, final layer,
-classifier): dense-prediction code then loads the file with no unexpected keys.
+"""Writing weights in hrnet's format or another library's layout (:func:`~.layouts.to_layout`), from a
+model, a state dict or (:func:`convert_checkpoint`) any checkpoint. The container follows the name and
+a name never gets another container's bytes: hrnet's format is safetensors; ``official`` / ``timm`` a
+torch file, or safetensors under a ``.safetensors`` name (timm reads both); ``mmcls`` a torch file only.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors.torch import save
 from torch import nn
 
-from ..fileio import atomic_write
+from ..errors import UsageError
+from ..fileio import WriteError, atomic_write, refuse_same_file
 from ..models.arch import ARCHS, Arch
-from ..models.zoo import EvalConfig
-from .checkpoint import RESERVED, save_checkpoint, save_state_dict
+from ..models.zoo import EvalConfig, models_of, resolve
+from .containers import container_for_name
+from .download import file_sha256, is_url
 from .errors import KeyMismatchError
-from .formats import (FOLDED_BIAS, HEAD_GROUPS, MMCLS_PREFIXES, StateDict, _rename, check, convert, infer_arch,
-                      prefix_rules)
-
-WRITABLE = ("hrnet", "official", "timm", "mmcls")
-HEAD_PREFIXES = tuple(p for group in HEAD_GROUPS for p in group)
-_MMCLS_WRITE_RULES = prefix_rules(MMCLS_PREFIXES, inverse=True)
-
-
-def to_layout(sd: StateDict, arch: Arch | str, layout: str, *, backbone_only: bool = False) -> dict[str, Any]:
-    """hrnet's state dict ``sd`` of ``arch`` as the content of a ``layout`` checkpoint file.
-
-    ``sd`` must have ``arch``'s complete key set and shapes (a head group may be absent as a whole, as
-    in a feature extractor's). Returns plain CPU tensors (``torch.load(weights_only=True)`` reads the
-    saved result); for ``mmcls`` wrapped as ``{"meta": {arch, num_classes, hrnet_version}, "state_dict": ...}``.
-    """
-    from .._version import __version__
-
-    arch = _arch(arch)
-    if layout not in WRITABLE:
-        raise ValueError(f"cannot write the {layout!r} layout; one of {', '.join(WRITABLE)}")
-    check(sd, arch, "state dict", arch.name)
-    sd = {k: _plain(v) for k, v in sd.items() if not (backbone_only and k.startswith(HEAD_PREFIXES))}
-    if layout in ("official", "timm"):
-        out = _with_head_biases(sd)
-    elif layout == "mmcls":
-        out = {_rename(k, _MMCLS_WRITE_RULES): v for k, v in sd.items()}
-    else:
-        out = sd
-    back = convert(out, layout, arch)
-    if back.keys() != sd.keys() or any(back[k] is not v and not torch.equal(back[k], v) for k, v in sd.items()):
-        raise AssertionError(f"the {layout} key map does not read back to hrnet's keys")  # a bug, not bad input
-    if layout == "mmcls":
-        classes = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else 0
-        return {"meta": {"arch": arch.name, "num_classes": classes, "hrnet_version": __version__}, "state_dict": out}
-    return out
+from .hrnet_format import HUB_WEIGHTS, check_metadata, eval_config_of, save_state_dict
+from .layouts import HEAD_GROUPS, WRITABLE, StateDict, arch_of, infer_arch, to_layout
+from .loading import load_checkpoint, local_path, wrong_arch
 
 
 def write_checkpoint(sd_or_model: StateDict | nn.Module, path: str | os.PathLike, *, format: str = "hrnet",
                      arch: Arch | str | None = None, backbone_only: bool = False,
-                     metadata: dict[str, str] | None = None) -> Path:
-    """Write an hrnet model's (or state dict's) weights to ``path`` in ``format``, atomically; return ``path``.
+                     metadata: dict[str, str] | None = None, hub: bool = False) -> Path:
+    """Write an hrnet model's (or state dict's) weights to ``path`` in ``format``, atomically; return the file.
 
-    ``hrnet`` goes to :func:`~hrnet.weights.save_checkpoint` (safetensors with metadata); ``official``,
-    ``timm`` and ``mmcls`` are ``torch.save`` d dicts of plain tensors (see :func:`to_layout`).
+    ``hrnet`` is safetensors with metadata (the model's zoo name and evaluation settings; ``hub=True``:
+    a directory with ``model.safetensors`` and ``config.json``); ``official``, ``timm`` and ``mmcls``
+    are dicts of plain tensors (see :func:`~hrnet.weights.to_layout`), in the container the name says.
     ``arch`` is needed only for a state dict whose architecture should not be inferred from its shapes.
     ``metadata`` (string keys and values) goes into hrnet's metadata or mmcls's ``meta``; an official or
     timm file is a bare state dict with no room for it, so metadata there is refused.
@@ -86,35 +42,100 @@ def write_checkpoint(sd_or_model: StateDict | nn.Module, path: str | os.PathLike
     arch = _resolve_arch(sd, model, arch)
     target = Path(path)
     extra = dict(metadata or {})
+    if format not in WRITABLE:
+        raise ValueError(f"cannot write the {format!r} layout; one of {', '.join(WRITABLE)}")
+    if hub and (format != "hrnet" or backbone_only):
+        raise UsageError("a hub directory holds hrnet's format only (drop --hub, or --to/--backbone-only)")
     if extra and format in ("official", "timm"):
         raise ValueError(f"an {format} checkpoint is a bare state dict with no room for metadata; got {sorted(extra)}")
+    check_metadata(extra)
+    kind = "safetensors" if hub else _container(target, format)
     _check_head(sd)
     cfg = getattr(model, "pretrained_cfg", None)
-    if format == "hrnet":
-        if model is not None and not backbone_only:
-            return save_checkpoint(model, target, metadata=metadata)
-        out = to_layout(sd, arch, "hrnet", backbone_only=backbone_only)
-        classes = out["classifier.weight"].shape[0] if "classifier.weight" in out else 0
-        return save_state_dict(out, arch, target, num_classes=classes, model=cfg.name if cfg is not None else None,
-                               eval_cfg=getattr(model, "eval_cfg", EvalConfig()), metadata=metadata)
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
-        raise TypeError("metadata keys and values must be strings")
-    clash = [k for k in extra if k in RESERVED]
-    if clash:
-        raise ValueError(f"metadata keys {clash} are written by hrnet itself")
     content = to_layout(sd, arch, format, backbone_only=backbone_only)
+    if format == "hrnet":
+        classes = content["classifier.weight"].shape[0] if "classifier.weight" in content else 0
+        return save_state_dict(content, arch, target, num_classes=classes, model=cfg.name if cfg is not None else None,
+                               eval_cfg=getattr(model, "eval_cfg", EvalConfig()), metadata=extra, hub=hub)
     if format == "mmcls":
         content["meta"].update({**({"model": cfg.name} if cfg is not None else {}), **extra})
-    atomic_write(target, lambda tmp: torch.save(content, tmp))
-    return target
+    if kind == "safetensors":
+        data = save(content)
+        return atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
+    return atomic_write(target, lambda tmp: torch.save(content, tmp))
 
 
-def _arch(arch: Arch | str) -> Arch:
-    if isinstance(arch, Arch):
-        return arch
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHS)}")
-    return ARCHS[arch]
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None,
+                    hub: bool = False, format: str = "hrnet", backbone_only: bool = False) -> Path:
+    """Write ``model``'s weights in hrnet's format (atomically) and return the weights file's path.
+
+    The file records the architecture, class count, zoo name and the model's evaluation settings
+    (``model.eval_cfg``), so loading it evaluates the model as it was meant to be (a network
+    fine-tuned at 32x32 is evaluated at 32x32). ``metadata`` adds string entries (e.g.
+    ``source_sha256``). ``hub=True`` makes ``path`` a directory with ``model.safetensors`` and
+    ``config.json``. ``format`` ``official``, ``timm`` or ``mmcls`` (and ``backbone_only``) write the
+    layout another library loads instead (see :func:`write_checkpoint`).
+    """
+    if not hasattr(model, "arch"):
+        raise TypeError(f"save_checkpoint needs an hrnet model (with .arch), got {type(model).__name__}")
+    return write_checkpoint(model, path, format=format, backbone_only=backbone_only, metadata=metadata, hub=hub)
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, model: str | None = None,
+                       layout: str = "auto", to: str = "hrnet", backbone_only: bool = False, hub: bool = False,
+                       progress: bool = True) -> dict:
+    """Convert any supported checkpoint (file, hub directory or URL) to ``to``'s layout at ``dst``.
+
+    ``to="hrnet"`` writes hrnet's format; ``official``, ``timm`` and ``mmcls`` the files those
+    libraries (and mmsegmentation, mmdetection, mmpose) load; ``backbone_only`` drops the
+    classification head. ``model`` names the zoo model the weights belong to (default: the one the
+    file names, else the first zoo model of the architecture found in it); its record's evaluation
+    settings are written unless the source carries its own. ``dst`` may never be ``src`` itself
+    (nor a link to it). Returns what was written: ``{"dst", "format", "backbone_only", "model",
+    "arch", "num_classes", "source_format", "source_sha256"}``.
+    """
+    if to not in WRITABLE:
+        raise UsageError(f"unknown target layout {to!r}; one of {', '.join(WRITABLE)}")
+    if hub and (to != "hrnet" or backbone_only):
+        raise UsageError("a hub directory holds hrnet's format only (drop --hub, or --to/--backbone-only)")
+    out_file = Path(dst) / HUB_WEIGHTS if hub else Path(dst)
+    if not is_url(src):
+        refuse_same_file(out_file, src, Path(src) / HUB_WEIGHTS)
+    _container(out_file, to)  # a bad name is refused before any download
+    path = local_path(src, progress=progress)
+    refuse_same_file(out_file, path)  # the cache's own copy of a URL
+    sd, meta = load_checkpoint(path, layout=layout)
+    arch = ARCHS[meta["arch"]]
+    record = resolve(model or meta.get("model") or models_of(arch)[0])
+    if record.arch != arch:
+        raise wrong_arch(path, arch, record.name, record.arch)
+    sha = file_sha256(path / HUB_WEIGHTS if path.is_dir() else path)
+    source = str(src) if is_url(src) else Path(src).name
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    provenance = {"source": source, "source_format": meta["format"], "source_sha256": sha}
+    if to == "hrnet" and not backbone_only:
+        out = save_state_dict(sd, arch, dst, num_classes=int(meta["num_classes"]), model=record.name,
+                              eval_cfg=eval_config_of(meta, path) or record.eval, hub=hub, metadata=provenance)
+    else:
+        out = write_checkpoint(sd, dst, format=to, arch=arch, backbone_only=backbone_only,
+                               metadata=provenance if to in ("hrnet", "mmcls") else None)
+    return {"dst": str(out), "format": to, "backbone_only": backbone_only, "model": record.name, "arch": arch.name,
+            "num_classes": 0 if backbone_only else int(meta["num_classes"]), "source_format": meta["format"],
+            "source_sha256": sha}
+
+
+def _container(path: Path, format: str) -> str:
+    """The container ``format`` is written in at ``path`` ("safetensors" or "torch"), or a one-line refusal of
+    a name that says another container (a torch zip named .safetensors misleads every reader that trusts it)."""
+    wanted = {"hrnet": ("safetensors",), "mmcls": ("torch",)}.get(format, ("safetensors", "torch"))
+    claimed = container_for_name(path)
+    said = None if claimed is None else claimed.name.removesuffix("-legacy")
+    if said is None or said in wanted:
+        return said or wanted[-1]
+    what = ("hrnet's format is a safetensors file" if format == "hrnet" else
+            f"the {format} layout is a torch file (its library reads it with torch.load)")
+    raise WriteError(f"{path}: {what}, not {said} as the name says; name it "
+                   f"{path.with_suffix('.safetensors' if format == 'hrnet' else '.pth').name}")
 
 
 def _resolve_arch(sd: StateDict, model: nn.Module | None, arch: Arch | str | None) -> Arch:
@@ -124,7 +145,7 @@ def _resolve_arch(sd: StateDict, model: nn.Module | None, arch: Arch | str | Non
         raise TypeError(f"write_checkpoint needs an hrnet model (with .arch) or a state dict, "
                         f"got {type(model).__name__}")
     if arch is not None:
-        arch = _arch(arch)
+        arch = arch_of(arch)
         if own is not None and own != arch:
             raise ValueError(f"arch={arch.name} but the model is {own.name}")
         return arch
@@ -134,23 +155,6 @@ def _resolve_arch(sd: StateDict, model: nn.Module | None, arch: Arch | str | Non
     if hit is None:
         raise KeyMismatchError("state dict: its keys and shapes match no HRNet architecture (check them with arch=)")
     return hit[0]
-
-
-def _plain(v: torch.Tensor) -> torch.Tensor:
-    """A detached, contiguous CPU tensor that owns its storage (torch.save writes a view's whole storage)."""
-    v = v.detach().cpu().contiguous()
-    return v.clone() if v.untyped_storage().nbytes() != v.nbytes else v
-
-
-def _with_head_biases(sd: StateDict) -> StateDict:
-    """The official head convs' zero biases, each after its weight (the official key order)."""
-    out = {}
-    for key, value in sd.items():
-        out[key] = value
-        bias = key.removesuffix("weight") + "bias"
-        if key.endswith(".weight") and re.fullmatch(FOLDED_BIAS, bias):
-            out[bias] = torch.zeros(value.shape[0], dtype=value.dtype)
-    return out
 
 
 def _check_head(sd: StateDict) -> None:

@@ -1,4 +1,5 @@
-"""Reading checkpoint containers without ever executing code stored in them.
+"""File containers (safetensors, torch zip, legacy torch pickle, plain pickle, ONNX): recognising them and
+reading them without ever executing code stored in them.
 
 The container is recognised from the first bytes, not the file name: safetensors (a length-prefixed
 JSON header), a torch zip, a legacy torch pickle (it starts with torch's pickled magic number), or
@@ -15,11 +16,13 @@ checked (:func:`check_tensors`): non-finite values or integer parameters are ref
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 import re
 import stat
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,6 @@ from safetensors import SafetensorError, safe_open
 from .errors import CheckpointError, UnsafeCheckpointError
 from .preflight import check_plain_pickle, check_safetensors, check_torch_legacy, check_torch_zip
 
-HUB_WEIGHTS = "model.safetensors"
-HUB_CONFIG = "config.json"
 _TORCH_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)  # torch.save's first record
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy's array rebuild function, whatever module numpy keeps it in
 
@@ -81,25 +82,7 @@ def check_regular(path: Path, what: str = "checkpoint") -> None:
         raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket is never read as a {what})")
 
 
-def container(path: Path) -> str:
-    """'safetensors', 'torch' (zip or legacy pickle) or 'pickle', from the file's first bytes."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
-    if head[8:9] == b"{":  # 8-byte header length, then the JSON header
-        return "safetensors"
-    if head.startswith(b"PK\x03\x04") or head.startswith(_TORCH_LEGACY_MAGIC):
-        return "torch"
-    if head[:1] == b"\x80" and len(head) > 2:
-        return "pickle"
-    raise CheckpointError(f"{path}: not a checkpoint (neither safetensors, a torch file nor a pickle)"
-                          if head else f"{path}: the file is empty")
-
-
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -107,13 +90,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
 
 
-def _read_torch(path: Path) -> Any:
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    check_torch_zip(path) if zipped else check_torch_legacy(path)
+def _read_torch(path: Path) -> tuple[Any, dict[str, str]]:
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # built by __new__ + __dict__ update only
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # An open file, not the name: torch.load hands a name ending .safetensors to safetensors, whatever it holds.
+        with open(path, "rb") as f, torch.serialization.safe_globals([argparse.Namespace]):  # inert: __dict__ only
+            return torch.load(f, map_location="cpu", weights_only=True), {}
     except pickle.UnpicklingError as e:
         m = re.search(r"WeightsUnpickler error: (.+?)(?: was not| Please|\n|$)", str(e))
         detail = m.group(1).strip() if m else "a disallowed object"
@@ -125,15 +106,98 @@ def _read_torch(path: Path) -> Any:
         raise CheckpointError(f"{path}: corrupt or truncated torch file ({reason})") from None
 
 
-def _read_pickle(path: Path) -> Any:
+def _check_pickle(path: Path) -> None:
     with open(path, "rb") as f:
         check_plain_pickle(f, os.fstat(f.fileno()).st_size, str(path))
+
+
+def _read_pickle(path: Path) -> tuple[Any, dict[str, str]]:
+    with open(path, "rb") as f:
         try:
-            return _NumpyOnlyUnpickler(f, path).load()
+            return _NumpyOnlyUnpickler(f, path).load(), {}
         except UnsafeCheckpointError:
             raise
         except Exception as e:  # any malformed byte stream: report it as such, never as a traceback
             raise CheckpointError(f"{path}: corrupt or truncated pickle ({type(e).__name__}: {e})") from None
+
+
+def _check_zip(path: Path) -> None:
+    """The zip preflight, then every entry's CRC (a body cut or corrupted in the middle): for a download."""
+    check_torch_zip(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: corrupt torch file ({e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: entry {bad} is corrupt")
+
+
+def _onnx(path: Path) -> None:
+    raise CheckpointError(f"{path}: is an ONNX model, not a weights checkpoint (predict, eval and bench run it "
+                          "as it is; convert reads the PyTorch or Paddle weights it was exported from)")
+
+
+def _is_onnx(head: bytes) -> bool:
+    """An ONNX ModelProto starts with field 1 (ir_version, a small varint), then field 2-8's tag."""
+    return len(head) > 2 and head[0] == 0x08 and 0 < head[1] < 0x80 and head[2] in b"\x12\x1a\x22\x28\x32\x3a\x42"
+
+
+@dataclasses.dataclass(frozen=True)
+class Container:
+    """One file container: how its first bytes look, its bounded preflight, its full check for a download
+    (which also walks every byte), its reader (content and string metadata), and the file name it takes."""
+
+    name: str
+    matches: Callable[[bytes], bool]
+    preflight: Callable[[Path], None]
+    verify: Callable[[Path], None]
+    read: Callable[[Path], tuple[Any, dict[str, str]]]
+    suffixes: tuple[str, ...]
+
+
+# The one registry of containers, in the order they are tried: every reader and the download cache use it.
+CONTAINERS = (
+    Container("safetensors", lambda h: h[8:9] == b"{", check_safetensors, check_safetensors, _read_safetensors,
+              (".safetensors",)),  # 8-byte header length, then the JSON header
+    Container("torch", lambda h: h.startswith(b"PK\x03\x04"), check_torch_zip, _check_zip, _read_torch,
+              (".pth", ".pt", ".bin", ".ckpt", ".tar")),
+    Container("torch-legacy", lambda h: h.startswith(_TORCH_LEGACY_MAGIC), check_torch_legacy, check_torch_legacy,
+              _read_torch, (".pth", ".pt", ".bin", ".ckpt", ".tar")),
+    Container("onnx", _is_onnx, _onnx, _onnx, _onnx, (".onnx",)),
+    Container("pickle", lambda h: h[:1] == b"\x80" and len(h) > 2, _check_pickle, _check_pickle, _read_pickle,
+              (".pdparams",)),
+)
+
+
+def sniff(path: str | os.PathLike) -> Container:
+    """The container of a regular file, from its first bytes (never its name)."""
+    path = Path(path)
+    check_regular(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
+    for c in CONTAINERS:
+        if c.matches(head):
+            return c
+    raise CheckpointError(f"{path}: not a checkpoint (neither safetensors, a torch file nor a pickle)"
+                          if head else f"{path}: the file is empty")
+
+
+def is_onnx(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file holding an ONNX model (from its bytes)."""
+    try:
+        return sniff(path).name == "onnx"
+    except CheckpointError:
+        return False
+
+
+def container_for_name(path: str | os.PathLike) -> Container | None:
+    """The container whose file names end like ``path`` (None for a name no container claims)."""
+    name = os.fspath(path).lower()
+    return next((c for c in CONTAINERS if name.endswith(c.suffixes)), None)
 
 
 def check_tensors(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
@@ -155,27 +219,10 @@ def check_tensors(sd: Mapping[str, torch.Tensor], path: str | Path) -> None:
         raise CheckpointError(f"{path}: refused: {'; '.join(bad[:3])}{more}")
 
 
-def read_file(path: str | Path) -> tuple[Any, dict[str, str]]:
-    """The deserialised content of a checkpoint file or hub directory, and its string metadata.
-
-    A directory must hold ``model.safetensors`` (its ``config.json`` is for hub tooling; the weights
-    file carries the same metadata). Metadata is empty for pickled formats. The state dict inside
-    passed :func:`check_tensors`.
-    """
-    from .formats import state_dict_of  # formats builds on models; imported late to keep this module a leaf
-
+def read_file(path: str | os.PathLike) -> tuple[Any, dict[str, str]]:
+    """The deserialised content of a checkpoint file and its string metadata (empty for pickled formats),
+    read by the container its first bytes name, after that container's bounded preflight."""
     path = Path(path)
-    if path.is_dir():
-        weights = path / HUB_WEIGHTS
-        if not weights.exists():
-            raise CheckpointError(f"{path}: a checkpoint directory must contain {HUB_WEIGHTS}")
-        path = weights
-    check_regular(path)
-    kind = container(path)
-    if kind == "safetensors":
-        obj, metadata = _read_safetensors(path)
-    else:
-        obj, metadata = (_read_torch(path) if kind == "torch" else _read_pickle(path)), {}
-    check_tensors(state_dict_of(obj, str(path)), path)
-    return obj, metadata
-
+    kind = sniff(path)
+    kind.preflight(path)
+    return kind.read(path)

@@ -1,6 +1,6 @@
-"""Checkpoint layouts and the explicit key maps that bring each one to hrnet's module names.
+"""Checkpoint layouts: the explicit key maps between each library's names and hrnet's, both ways.
 
-A conversion renames keys by fixed rules, then :func:`mismatch` compares the result with the
+Reading (:func:`convert`) renames keys by fixed rules, then :func:`mismatch` compares the result with the
 architecture's complete key set and every shape, so an error can name each missing, unexpected
 and mis-shaped key. Layouts:
 
@@ -10,6 +10,13 @@ and mis-shaped key. Layouts:
 - ``mmcls``: ``backbone.`` + official names; head under ``neck.0.`` and ``head.fc``.
 - ``paddle``: PaddleClas names (``ConvBNLayer`` = ``.conv`` + ``.bn``, BN stats ``_mean``/``_variance``,
   Linear weight stored [in, out]).
+
+Writing (:func:`to_layout`) renames by the same tables and reads the result back with them before
+returning it, so anything written converts back to the identical hrnet state dict. ``official`` and
+``timm`` files get the zero biases the official head convs carry (hrnet folded them into BatchNorm's
+running_mean on reading; bias 0 with BatchNorm unchanged is exact). timm builds ``hrnet_w18_ssld`` /
+``hrnet_w48_ssld`` without those biases: an ssld model's ``timm`` file loads strictly into
+``hrnet_w18``/``hrnet_w48`` (same trunk). ``mmcls`` builds those convs with ``bias=False``: none there.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._version import __version__
 from ..models.arch import ARCHS, Arch
 from ..models.hrnet import HRNet
 from .errors import CheckpointError, KeyMismatchError
 
 LAYOUTS = ("hrnet", "official", "timm", "mmcls", "paddle")
+WRITABLE = ("hrnet", "official", "timm", "mmcls")
 PADDLE_NAME_TABLE = "StructuredToParameterName@@"  # paddle.save's non-tensor entry
 HEAD_GROUPS = (("incre_modules.",), ("downsamp_modules.", "final_layer."), ("classifier.",))
 FOLDED_BIAS = r"(downsamp_modules\.\d+|final_layer)\.0\.bias"
@@ -82,7 +91,7 @@ def _fold_head_biases(sd: StateDict) -> StateDict:
     return sd
 
 
-# mmcls prefix -> hrnet prefix, "{i}" a branch index: read by convert(), written back by writers.to_layout().
+# mmcls prefix -> hrnet prefix, "{i}" a branch index: read by convert(), written back by to_layout().
 MMCLS_PREFIXES = (
     ("backbone.", ""),
     ("neck.0.increase_layers.", "incre_modules."),
@@ -105,6 +114,7 @@ def prefix_rules(pairs: tuple[tuple[str, str], ...], *, inverse: bool = False) -
 
 
 _MMCLS_RULES = prefix_rules(MMCLS_PREFIXES)
+_MMCLS_WRITE_RULES = prefix_rules(MMCLS_PREFIXES, inverse=True)
 
 
 def _rename(key: str, rules: list[tuple[str, str]]) -> str:
@@ -255,3 +265,59 @@ def check(sd: StateDict, arch: Arch, path: str, target: str) -> None:
     problems = mismatch(sd, arch)
     if any(problems):
         raise KeyMismatchError(describe_mismatch(path, target, *problems))
+
+
+def to_layout(sd: StateDict, arch: Arch | str, layout: str, *, backbone_only: bool = False) -> dict[str, Any]:
+    """hrnet's state dict ``sd`` of ``arch`` as the content of a ``layout`` checkpoint file.
+
+    ``sd`` must have ``arch``'s complete key set and shapes (a head group may be absent as a whole, as
+    in a feature extractor's). ``backbone_only`` drops the classification head (incre modules,
+    downsampling, final layer, classifier): dense-prediction code then loads the file with no
+    unexpected keys. Returns plain CPU tensors (``torch.load(weights_only=True)`` reads the saved
+    result); for ``mmcls`` wrapped as ``{"meta": {arch, num_classes, hrnet_version}, "state_dict": ...}``.
+    """
+    arch = arch_of(arch)
+    if layout not in WRITABLE:
+        raise ValueError(f"cannot write the {layout!r} layout; one of {', '.join(WRITABLE)}")
+    check(sd, arch, "state dict", arch.name)
+    head = tuple(p for group in HEAD_GROUPS for p in group)
+    sd = {k: _plain(v) for k, v in sd.items() if not (backbone_only and k.startswith(head))}
+    if layout in ("official", "timm"):
+        out = _with_head_biases(sd)
+    elif layout == "mmcls":
+        out = {_rename(k, _MMCLS_WRITE_RULES): v for k, v in sd.items()}
+    else:
+        out = sd
+    back = convert(out, layout, arch)
+    if back.keys() != sd.keys() or any(back[k] is not v and not torch.equal(back[k], v) for k, v in sd.items()):
+        raise AssertionError(f"the {layout} key map does not read back to hrnet's keys")  # a bug, not bad input
+    if layout == "mmcls":
+        classes = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else 0
+        return {"meta": {"arch": arch.name, "num_classes": classes, "hrnet_version": __version__}, "state_dict": out}
+    return out
+
+
+def arch_of(arch: Arch | str) -> Arch:
+    """An architecture given by itself or by name."""
+    if isinstance(arch, Arch):
+        return arch
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHS)}")
+    return ARCHS[arch]
+
+
+def _plain(v: torch.Tensor) -> torch.Tensor:
+    """A detached, contiguous CPU tensor that owns its storage (torch.save writes a view's whole storage)."""
+    v = v.detach().cpu().contiguous()
+    return v.clone() if v.untyped_storage().nbytes() != v.nbytes else v
+
+
+def _with_head_biases(sd: StateDict) -> StateDict:
+    """The official head convs' zero biases, each after its weight (the official key order)."""
+    out = {}
+    for key, value in sd.items():
+        out[key] = value
+        bias = key.removesuffix("weight") + "bias"
+        if key.endswith(".weight") and re.fullmatch(FOLDED_BIAS, bias):
+            out[bias] = torch.zeros(value.shape[0], dtype=value.dtype)
+    return out
