@@ -233,6 +233,7 @@ def _wait_for_lines(out: Path, proc: subprocess.Popen, lines: int, deadline: flo
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_one_output_is_refused_naming_the_first_and_a_kill_resumes_to_every_file_once(
         setup, tmp_path, capsys):
     """Issue 22: two runs on one --output doubled every record. The second is refused in one line with
@@ -260,6 +261,7 @@ def test_a_second_run_on_one_output_is_refused_naming_the_first_and_a_kill_resum
     assert sorted(os.listdir(tmp_path)) == ["many", "preds.jsonl"]  # the lock file is gone with its run
 
 
+@pytest.mark.slow
 def test_concurrent_resumes_never_lose_or_double_a_record(setup, tmp_path):
     """Issue 22: two --resume runs at once lost records, exit 0. Now at most one runs at a time; the other
     is refused in one line, and whatever mix happened, the file ends with every input exactly once."""
