@@ -121,3 +121,18 @@ def test_a_hub_config_with_hostile_label_names_is_refused(tmp_path):
     (tmp_path / "t" / "config.json").write_text(json.dumps({**config, "label_names": ["a", "b\x07", "c"]}))
     with pytest.raises(CheckpointError, match=r"config\.json: class name 1 .*control character"):
         load_checkpoint(tmp_path / "t")
+
+
+def test_class_names_travel_into_onnx_and_back(tmp_path):
+    import onnx
+
+    from hrnet.deploy import export_onnx
+    from hrnet.deploy.engine import Classifier
+
+    model = create_model("w18-small", num_classes=3).eval()
+    model.class_names = ("cat", "dog", "bird")
+    path = export_onnx(model, tmp_path / "m.onnx", input_size=(32, 32), check=False)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["hrnet.class_names"]) == ["cat", "dog", "bird"]
+    assert Classifier.build("hrnet-w18-small", checkpoint=path).labels == ["cat", "dog", "bird"]
+    assert Classifier.build(model).labels == ["cat", "dog", "bird"]

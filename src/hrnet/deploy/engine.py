@@ -114,7 +114,7 @@ class Classifier:
         precision = precision or "fp32"
         runner = make_runner(model, backend or "eager", precision=precision, threads=threads,
                              input_size=graph_size or (transform.input_size, transform.input_size))
-        return cls(model, device, transform, class_names(model.num_classes), runner, precision)
+        return cls(model, device, transform, class_names(model), runner, precision)
 
     @classmethod
     def _from_onnx(cls, model_or_name: nn.Module | str, path: PathLike, *, input_size: int | None,
@@ -132,9 +132,9 @@ class Classifier:
         if not os.path.isfile(path):
             raise UsageError(f"{path}: ONNX file not found")
         runner = OnnxRuntimeRunner(path, threads)  # a missing extra or a damaged file: one line
-        cfg, size, classes, precision = onnx_info(path, runner.metadata, record=record, num_classes=classes,
+        cfg, size, classes, names, precision = onnx_info(path, runner.metadata, record=record, num_classes=classes,
                                                   precision=precision, input_size=input_size)
-        return cls(None, "cpu", eval_transform(cfg, size, crop_pct), class_names(classes), runner, precision)
+        return cls(None, "cpu", eval_transform(cfg, size, crop_pct), class_names(classes, names), runner, precision)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.runner(images.to(self.device, non_blocking=True)).float()

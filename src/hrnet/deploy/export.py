@@ -31,13 +31,16 @@ class ExportError(HRNetError):
 
 
 def export_metadata(model: nn.Module, input_size: tuple[int, int]) -> dict[str, str]:
-    """String key/values describing the model and its preprocessing (``model.eval_cfg``; pixel values
-    0..255, RGB). Strings are stored as they are, numbers and lists as JSON."""
+    """String key/values describing the model, its preprocessing (``model.eval_cfg``; pixel values
+    0..255, RGB) and its class names where it has them. Strings are stored as they are, numbers and
+    lists as JSON."""
     meta = {"hrnet.input_size": json.dumps(list(input_size)), "hrnet.input_layout": "NCHW RGB float32",
             "hrnet.output": "logits", "hrnet.num_classes": str(model.num_classes)}
     record = getattr(model, "pretrained_cfg", None)
     if record is not None:
         meta["hrnet.model"] = record.name
+    if getattr(model, "class_names", None) is not None:
+        meta["hrnet.class_names"] = json.dumps(list(model.class_names))
     for key, value in model.eval_cfg.to_dict().items():
         meta[f"hrnet.preprocess.{key}"] = value if isinstance(value, str) else json.dumps(value)
     return meta

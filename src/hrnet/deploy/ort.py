@@ -18,6 +18,7 @@ import torch
 from ..errors import HRNetError, UsageError
 from ..extras import require
 from ..models import EvalConfig, ModelRecord
+from ..weights.hrnet_format import parse_class_names
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -59,8 +60,9 @@ def onnx_metadata(source) -> dict[str, str]:
 
 def onnx_info(path: str | os.PathLike, meta: dict[str, str], *, record: ModelRecord | None = None,
               num_classes: int | None = None, precision: str | None = None,
-              input_size: int | None = None) -> tuple[EvalConfig, int, int, str]:
-    """The preprocessing, (square) input side, class count and precision an hrnet ONNX file's metadata
+              input_size: int | None = None) -> tuple[EvalConfig, int, int, tuple[str, ...] | None, str]:
+    """The preprocessing, (square) input side, class count, class names (None where the file has none)
+    and precision an hrnet ONNX file's metadata
     ``meta`` records, checked: one line naming the file if it has none, was written for a model other
     than ``record``, has other than ``num_classes`` classes, another ``precision`` (a file runs as it
     was written; None asks nothing) or another ``input_size``."""
@@ -84,7 +86,8 @@ def onnx_info(path: str | os.PathLike, meta: dict[str, str], *, record: ModelRec
         raise UsageError(f"{path}: the file has {classes} classes, the model {num_classes}")
     if input_size not in (None, h):
         raise UsageError(f"{path}: the file takes {h}x{h} images, not --input-size {input_size}")
-    return cfg, h, classes, check_file_precision(path, meta, precision)
+    names = parse_class_names(meta["hrnet.class_names"], path, classes) if "hrnet.class_names" in meta else None
+    return cfg, h, classes, names, check_file_precision(path, meta, precision)
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):
