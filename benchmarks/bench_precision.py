@@ -1,10 +1,10 @@
 """Reduced precision: speed against the fp32 baselines, and agreement with fp32 (issue 12's table).
 
 Speed: timm eager and onnxruntime on timm's export (the baselines of bench_inference.py, built by
-its functions), hrnet's fp32 onnxruntime backend, and int8 (``hrnet.quantize``, calibrated on real
+its functions), hrnet's fp32 onnxruntime backend, and int8 (``hrnet.deploy.quantize``, calibrated on real
 photos), all at 224x224 with random weights, timed in one alternating run at batch 1 and 16.
 
-Agreement with fp32 eager (``hrnet.compare``):
+Agreement with fp32 eager (``hrnet.deploy.compare``):
 (a) with ``--digits-run DIR`` (a run of benchmarks/train_digits.py, e.g. ``--set output.dir=runs/digits``):
     its ``best.safetensors`` on the recipe's held-out digits, int8 calibrated on at most 256 of the
     training images;
@@ -42,12 +42,12 @@ from bench_inference import SIZE, TIMM_NAMES, cpu_name, serve, time_alternating,
 from helpers import randomize  # noqa: E402
 from test_weights import to_mmcls  # noqa: E402
 
-from hrnet.compare import compare  # noqa: E402
+from hrnet.deploy.compare import compare  # noqa: E402
 from hrnet.data import eval_transform, load_image  # noqa: E402
 from hrnet.deploy import make_runner  # noqa: E402
 from hrnet.deploy import OnnxRuntimeRunner  # noqa: E402
 from hrnet import create_model  # noqa: E402
-from hrnet.quantize import quantize_onnx  # noqa: E402
+from hrnet.deploy.quantize import quantize_onnx  # noqa: E402
 
 Runner = Callable[[torch.Tensor], object]
 BASELINE = "timm-onnxruntime"

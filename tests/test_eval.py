@@ -12,10 +12,12 @@ import sys
 import pytest
 import torch
 
+from hrnet import create_model
 from hrnet.cli import main
 from hrnet.data import imagenet_names, imagenet_wnids
 from hrnet.inference.evaluate import evaluate
 from hrnet.inference.predict import predict
+from hrnet.weights import save_checkpoint
 from test_data import make_bad_corpus
 from test_predict import CROP, FAST, MODEL, model_and_photos
 
@@ -135,3 +137,18 @@ def test_torchrun_two_processes_equal_one_on_an_odd_count(setup, tmp_path, capsy
         assert dist[key] == single[key], key
     assert (dist["n"], len(dist["skipped"])) == (7, 1)
     assert torch.distributed.is_available()
+
+
+def test_a_folder_of_empty_files_says_how_many_were_found_and_empty(tmp_path, capsys):
+    """Issue 22: a folder of empty files said only "no image could be evaluated"."""
+    model = create_model("hrnet-w18-small")
+    ckpt = save_checkpoint(model, tmp_path / "w.safetensors")
+    for c in ("a", "b"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(1000):
+            (tmp_path / "val" / c / f"{i}.jpg").touch()
+    (tmp_path / "val" / "a" / "junk.jpg").write_bytes(b"not an image")
+    assert main(["eval", "hrnet-w18-small", "--checkpoint", str(ckpt), "--data", str(tmp_path / "val"),
+                 "--input-size", "64", "--workers", "0", "-q"]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "hrnet: error: no image could be evaluated: 2001 files found, 2000 empty, 1 unreadable"

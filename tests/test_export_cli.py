@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import onnxruntime as ort
 import pytest
@@ -52,3 +53,16 @@ def test_bench_command_reports_every_key_per_backend(capsys):
         # 2 images per batch: throughput and latency describe the same timings
         assert r["images_per_s"] < 2 / (r["latency_ms_p50"] / 1e3) * 3
         assert 50 < r["peak_rss_mb"] < 8000
+
+
+def test_export_onto_its_own_checkpoint_is_refused_and_the_checkpoint_kept(tmp_path, capsys, monkeypatch):
+    """Issue 22: ``-o`` naming the checkpoint (here as ``./w.safetensors`` against ``w.safetensors``)
+    replaced the user's weights with an ONNX file."""
+    ckpt = save_checkpoint(randomize(create_model("hrnet-w18-small")), tmp_path / "w.safetensors")
+    before = ckpt.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "hrnet-w18-small", "--checkpoint", "w.safetensors", "-o", "./w.safetensors",
+                 "--format", "onnx", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hrnet: error: w.safetensors: is the same file as the input w.safetensors")
+    assert err.count("\n") == 1 and ckpt.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["w.safetensors"]

@@ -23,7 +23,7 @@ import hrnet.deploy.runners as runners
 from hrnet.cli import main
 from hrnet.data import imagenet_wnids
 from hrnet.deploy import PrecisionWarning, export_onnx, make_runner
-from hrnet.quantize import quantize_onnx
+from hrnet.deploy.quantize import quantize_onnx
 from test_predict import CROP, FAST, MODEL, SHORT, mmcls_reference, model_and_photos
 
 DECISIVE = 0.1  # fp32 log-probability margin of top-1 over top-2 beyond which bf16 must not flip top-1

@@ -150,3 +150,31 @@ def test_predict_through_the_fused_backend_keeps_the_ranking(setup):
     records = predict(model, photos, topk=3, input_size=CROP, workers=0, backend="fused")
     for r, row in zip(records, logits):
         assert [t["index"] for t in r["topk"]] == row.topk(3).indices.tolist()
+
+
+def test_a_huge_batch_size_is_capped_at_the_number_of_inputs(setup, monkeypatch):
+    """Issue 22: --batch-size 100000 on a few images grew memory without bound."""
+    import hrnet.deploy.engine as engine
+
+    _, ckpt, photos, _ = setup
+    sizes = []
+    loader = engine.inference_loader
+    monkeypatch.setattr(engine, "inference_loader", lambda ds, bs, *a, **k: sizes.append(bs) or loader(ds, bs, *a, **k))
+    records = predict(MODEL, photos, checkpoint=ckpt, input_size=CROP, workers=0, batch_size=100000)
+    assert sizes == [len(photos)] and all("topk" in r for r in records)
+
+
+def test_a_batch_the_machine_cannot_hold_is_refused_with_an_estimate(setup, monkeypatch, capsys):
+    import hrnet.deploy.engine as engine
+
+    _, ckpt, photos, _ = setup
+    with open("/proc/meminfo") as f:  # the reader agrees with the kernel's own table
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    assert abs(engine.available_memory("cpu") - kib * 1024) < 2**30
+    monkeypatch.setattr(engine, "available_memory", lambda device: 2 * 2**20)  # 2 MiB free
+    assert main(["predict", MODEL, "--checkpoint", str(ckpt), *map(str, photos), *FAST, "--batch-size", "100000"]) == 1
+    err = capsys.readouterr().err
+    # 7 images (the cap, not 100000) at 64 px: the stem's 64 x 32 x 32 float32 output, 4 alive at once, plus
+    # 5 queued 3 x 64 x 64 float32 inputs per image: 7 x (1 MiB + 240 KiB) = 8.6 MiB, printed rounded
+    assert err == (f"hrnet: error: --batch-size {len(photos)}: a batch of {len(photos)} images at {CROP}x{CROP} "
+                   "needs about 9 MiB, and cpu has 2 MiB available; choose a smaller --batch-size\n"), err

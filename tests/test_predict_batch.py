@@ -220,3 +220,64 @@ def test_output_of_only_bad_files_holds_their_errors_and_fails(setup, tmp_path, 
     assert "no input could be classified" in captured.err
     assert captured.out == f"{out}: 2 records written (2 errors), 0 files already done, 2 in all\n"
     assert read_lines(out) == expected[-2:]
+
+
+def _start(ckpt: Path, inputs: list[str], out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "hrnet", *argv(ckpt, inputs, out, "--batch-size", "1", *extra)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lines(out: Path, proc: subprocess.Popen, lines: int, deadline: float) -> None:
+    while not (out.exists() and out.read_bytes().count(b"\n") >= lines):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_one_output_is_refused_naming_the_first_and_a_kill_resumes_to_every_file_once(
+        setup, tmp_path, capsys):
+    """Issue 22: two runs on one --output doubled every record. The second is refused in one line with
+    the first one's pid; after the first is killed -9, --resume leaves each input exactly once."""
+    ckpt, inputs, expected = setup
+    many = tmp_path / "many"
+    for i in range(6):
+        shutil.copytree(Path(inputs[0]), many / f"copy{i}")
+    full = predict(MODEL, [str(many)], checkpoint=ckpt, input_size=CROP, workers=0)
+    out = tmp_path / "preds.jsonl"
+    first = _start(ckpt, [str(many)], out)
+    try:
+        _wait_for_lines(out, first, 1, time.monotonic() + 120)
+        assert main(argv(ckpt, [str(many)], out)) == 1  # without --resume
+        assert main(argv(ckpt, [str(many)], out, "--resume")) == 1  # with it
+        errors = capsys.readouterr().err.splitlines()
+        assert len(errors) == 2 and all(e.startswith(f"hrnet: error: {out}: ") and f"(pid {first.pid})" in e
+                                        for e in errors), errors
+        assert first.poll() is None, "the first run ended before the second was refused"
+    finally:
+        first.kill()
+        first.wait()
+    assert main(argv(ckpt, [str(many)], out, "--resume", "--json")) == 0
+    assert_same_records(read_lines(out), full)
+    assert sorted(os.listdir(tmp_path)) == ["many", "preds.jsonl"]  # the lock file is gone with its run
+
+
+@pytest.mark.slow
+def test_concurrent_resumes_never_lose_or_double_a_record(setup, tmp_path):
+    """Issue 22: two --resume runs at once lost records, exit 0. Now at most one runs at a time; the other
+    is refused in one line, and whatever mix happened, the file ends with every input exactly once."""
+    ckpt, inputs, _ = setup
+    many = tmp_path / "many"
+    for i in range(4):
+        shutil.copytree(Path(inputs[0]), many / f"copy{i}")
+    full = predict(MODEL, [str(many)], checkpoint=ckpt, input_size=CROP, workers=0)
+    out = tmp_path / "preds.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in full[:3]))
+    procs = [_start(ckpt, [str(many)], out, "--resume") for _ in range(2)]
+    for p in procs:
+        p.wait(timeout=300)
+    refused = [p for p in procs if p.returncode]
+    for p in refused:
+        err = p.stderr.read()
+        assert err.startswith("hrnet: error: ") and "another hrnet predict --output" in err and err.count("\n") == 1
+    assert len(refused) <= 1
+    assert_same_records(read_lines(out), full)

@@ -19,10 +19,10 @@ import torch
 from onnx import TensorProto
 
 from hrnet.cli import main
-from hrnet.compare import compare, parse_spec
+from hrnet.deploy.compare import compare, parse_spec
 from hrnet.data import eval_transform, imagenet_wnids, load_image
 from hrnet.deploy import export_onnx
-from hrnet.quantize import QuantizeError, quantize_onnx
+from hrnet.deploy.quantize import QuantizeError, quantize_onnx
 from test_predict import CROP, MODEL, model_and_photos
 
 MARGIN = 1e-4  # a top-1 or top-5 decision closer than this (in log-probability) could flip with float rounding
@@ -220,3 +220,55 @@ def test_compare_rejects_an_int8_file_of_another_size(setup):
     model, _, photos, int8 = setup
     with pytest.raises(Exception, match=f"takes {CROP}x{CROP} images, not --input-size 96"):
         compare(model, photos[0].parent, "eager", str(int8), input_size=96)
+
+
+def test_quantize_onto_its_own_checkpoint_through_a_symlink_is_refused(setup, tmp_path, capsys):
+    """Issue 22: ``hrnet quantize -o`` onto its input destroyed it; here the input is a symlink to the output."""
+    _, ckpt, photos, _ = setup
+    real = tmp_path / "w.safetensors"
+    shutil.copy(ckpt, real)
+    (tmp_path / "link.safetensors").symlink_to(real)
+    assert main(["quantize", MODEL, "--checkpoint", str(tmp_path / "link.safetensors"), "--calib",
+                 str(photos[0].parent), "-o", str(real), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"hrnet: error: {real}: is the same file as the input") and err.count("\n") == 1
+    assert real.read_bytes() == Path(ckpt).read_bytes()
+
+
+def _relabelled(int8: Path, out: Path, model: str) -> Path:
+    proto = onnx.load(str(int8))
+    for p in proto.metadata_props:
+        if p.key == "hrnet.model":
+            p.value = model
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_compare_refuses_an_int8_file_of_another_model_as_predict_does(setup, tmp_path, capsys):
+    """Issue 22: compare reported 0 % agreement for a file written for another model; predict refused it."""
+    _, ckpt, photos, int8 = setup
+    other = _relabelled(int8, tmp_path / "w32.int8.onnx", "hrnet-w32")
+    message = f"{other}: the file holds hrnet-w32, not {MODEL}"
+    for command in (["compare", MODEL, "--data", str(photos[0].parent), "eager", str(other)],
+                    ["predict", MODEL, str(photos[0])]):
+        assert main([*command, "--checkpoint", str(ckpt)] if command[0] == "compare" else
+                    [*command, "--checkpoint", str(other)]) == 1
+        err = capsys.readouterr().err
+        assert err == f"hrnet: error: {message}\n", err
+
+
+def test_compare_of_two_onnx_files_builds_no_pytorch_model(setup, tmp_path, monkeypatch):
+    """Issue 22: two .onnx runs need no PyTorch weights and download nothing."""
+    import hrnet.builder
+
+    model, _, photos, int8 = setup
+    fp32 = export_onnx(model, tmp_path / "m.onnx", input_size=(CROP, CROP), check=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compare of two .onnx runs built a PyTorch model")
+
+    monkeypatch.setattr(hrnet.builder, "create_model", refuse)
+    monkeypatch.setenv("HRNET_HOME", str(tmp_path / "empty-home"))
+    r = compare(MODEL, photos[0].parent, str(fp32), str(int8))
+    assert r["n"] == len(photos) and r["input_size"] == CROP
+    assert not (tmp_path / "empty-home").exists()

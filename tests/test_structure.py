@@ -25,7 +25,7 @@ PHOTO = Path(__file__).parents[1] / "examples" / "images" / "cat.jpg"
 
 # Each part of the package may import only from the parts listed before it (and from itself).
 LAYERS = ["_version", "errors", "fileio", "extras", "distributed", "models", "weights", "builder", "data", "deploy", "inference",
-          "training", "quantize", "compare", "serve", "cli", "__main__", "__init__"]
+          "training", "serve", "cli", "__main__", "__init__"]
 
 
 def _part(module: str) -> str:

@@ -20,16 +20,16 @@ class MissingExtraError(HRNetError, ImportError):
     """An optional dependency is not installed; the message says which extra installs it."""
 
 
-def require(extra: str, purpose: str) -> None:
-    """Import every module of ``extra`` (see :data:`EXTRAS`), or raise naming what is missing and the
-    one command that installs it; ``purpose`` says what needed it (e.g. ``"hrnet export"``)."""
+def require(extra: str, purpose: str, modules: tuple[str, ...] | None = None,
+            error: type[HRNetError] = MissingExtraError) -> None:
+    """Import every module of ``extra`` (see :data:`EXTRAS`; or only ``modules`` of it, for a use that
+    needs fewer), or raise ``error`` naming what is missing and the one command that installs it;
+    ``purpose`` says what needed it (e.g. ``"hrnet export"``)."""
     missing = []
-    for module in EXTRAS[extra]:
+    for module in modules or EXTRAS[extra]:
         try:
             importlib.import_module(module)
         except ImportError:
             missing.append(module)
     if missing:
-        verb = "is" if len(missing) == 1 else "are"
-        raise MissingExtraError(f"{purpose} needs {', '.join(missing)}, which {verb} not installed; "
-                                f"pip install 'hrnet[{extra}]'")
+        raise error(f"{purpose} needs {', '.join(missing)}: pip install 'hrnet[{extra}]' (not installed)")

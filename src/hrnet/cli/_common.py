@@ -105,11 +105,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
-def load_model(args: argparse.Namespace, **kwargs: Any):
+def load_model(args: argparse.Namespace):
     """The model named on the command line, with --checkpoint or else the published weights, in eval mode."""
+    from ..deploy.engine import build_model
     from ..distributed import default_device
-    from ..builder import create_model
 
-    model = create_model(args.name, pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
-                         progress=show_progress(args), **kwargs)
-    return model.to(args.device or default_device()).eval()
+    return build_model(args.name, args.checkpoint, progress=show_progress(args)).to(args.device or default_device()).eval()

@@ -41,14 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..deploy.bench import bench
-
-    from ..deploy import BACKENDS
+    from ..deploy.ort import is_onnx_file
+    from ..deploy.runners import BACKENDS, precision_problem
 
     backends = args.backend
-    if backends is None:
-        onnx_file = args.checkpoint is not None and args.checkpoint.lower().endswith(".onnx")
-        reduced = args.precision not in (None, "fp32")
-        backends = ["onnxruntime"] if onnx_file else [b for b in BACKENDS if not (reduced and b == "onnxruntime")]
+    if backends is None:  # every backend that runs the precision here; an unrunnable one says why
+        runs = [b for b in BACKENDS if precision_problem(args.precision or "fp32", b, "cpu") is None]
+        backends = ["onnxruntime"] if is_onnx_file(args.checkpoint) else runs or list(BACKENDS)
     if "onnxruntime" in backends:  # before minutes of measuring the other backends
         require("onnx", "hrnet bench --backend onnxruntime")
     results = []

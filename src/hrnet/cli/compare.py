@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import (add_model_args, add_output_args, add_parser, crop_fraction, crop_size, nonnegative_int,
-                      positive_int, print_json, show_progress, worker_count)
+from ._common import add_model_args, add_output_args, add_parser, nonnegative_int, print_json, show_progress
+from .predict import add_inference_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,12 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="DIR", help="folder of images, or of class folders")
     p.add_argument("a", metavar="RUN_A", help="the reference run, e.g. eager")
     p.add_argument("b", metavar="RUN_B", help="the run to judge, e.g. model.int8.onnx or fused:bf16")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="default 32")
-    p.add_argument("--workers", type=worker_count, default=None, metavar="N",
-                   help="decoding processes (default 0 on CPU)")
-    p.add_argument("--input-size", type=crop_size, default=None, metavar="PX",
-                   help="centre-crop size (default: an .onnx run's own, else the model record's)")
-    p.add_argument("--crop-pct", type=crop_fraction, default=None, metavar="F", help="crop / resized short edge")
+    add_inference_args(p, batch_size=32, runs=False)
     p.add_argument("--show", type=nonnegative_int, default=20, metavar="K",
                    help="list at most K images where top-1 differs, in text output (default 20; --json lists all)")
     add_output_args(p)
@@ -35,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..compare import compare
+    from ..deploy.compare import compare
 
     if args.device not in (None, "cpu"):
         from ..errors import HRNetError

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from ..data.decode import display_path
-from ._common import add_model_args, add_output_args, add_parser, format_table, print_json, show_progress
-from .predict import add_inference_args
+from ._common import add_model_args, add_output_args, add_parser, format_table, print_json
+from .predict import add_inference_args, inference_options, nothing_done
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,11 +37,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     info = init_distributed(args.device)
     try:
-        result = evaluate(args.name, args.data, ann_file=args.ann_file, checkpoint=args.checkpoint,
-                          batch_size=args.batch_size, workers=args.workers, device=args.device,
-                          input_size=args.input_size, crop_pct=args.crop_pct, per_class=args.per_class,
-                          strict=args.strict, progress=show_progress(args), backend=args.backend,
-                          precision=args.precision, exclude_unknown=args.exclude_unknown)
+        result = evaluate(args.name, args.data, ann_file=args.ann_file, per_class=args.per_class,
+                          exclude_unknown=args.exclude_unknown, **inference_options(args))
     finally:
         cleanup()
     if not info.is_main:
@@ -51,13 +48,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
         return 0 if result["n"] else 1
+    if not result["n"]:
+        return nothing_done("no image could be evaluated", [s["file"] for s in result["skipped"]])
     if args.per_class:
         rows = [[str(c["index"]), display_path(c["label"]), str(c["n"]), f"{c['top1']:.2f}", f"{c['top5']:.2f}"]
                 for c in result["per_class"]]
         print(format_table(rows, ["index", "class", "images", "top-1", "top-5"]))
-    if not result["n"]:
-        print("hrnet: error: no image could be evaluated", file=sys.stderr)
-        return 1
     print(f"{args.name}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['n']} images "
           f"({len(result['skipped'])} skipped), {result['images_per_s']:.1f} images/s")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import HRNetError, UsageError
 from ..extras import require
+from ..fileio import refuse_same_file
 from ._common import (add_input_size_arg, add_model_args, add_output_args, add_parser, integer_arg, load_model,
                       print_json)
 
@@ -56,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..deploy import export_onnx, export_pt2
 
+    refuse_same_file(args.output, args.checkpoint)
     fmt = args.format or FORMATS.get(args.output.suffix.lower())
     if fmt is None:
         raise HRNetError(f"{args.output}: cannot tell the format from the extension; pass --format onnx|pt2")

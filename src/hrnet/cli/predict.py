@@ -13,8 +13,9 @@ from ._common import (add_model_args, add_output_args, add_parser, add_precision
                       positive_int, print_json, show_progress, worker_count)
 
 
-def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
-    """Options shared by predict and eval: preprocessing overrides, batching, bad-file policy."""
+def add_inference_args(p: argparse.ArgumentParser, batch_size: int, runs: bool = True) -> None:
+    """Options shared by predict, eval and compare: preprocessing overrides, batching; with ``runs``
+    (not compare, whose runs name them) the bad-file policy, backend and precision."""
     p.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N", help=f"default {batch_size}")
     p.add_argument("--workers", type=worker_count, default=None, metavar="N",
                    help="decoding processes; 0 decodes in-process (default: 0 on CPU, where the model "
@@ -24,12 +25,32 @@ def add_inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--crop-pct", type=crop_fraction, default=None, metavar="F",
                    help="crop / resized short edge (default: the record's, 224/256); the short edge "
                         "becomes floor(input_size / crop_pct)")
+    if not runs:
+        return
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="eager: the model as built; fused: BN folded, channels-last; compile: torch.compile of "
                         "the fused model; onnxruntime: needs hrnet[onnx] (default eager; onnxruntime for an "
                         ".onnx --checkpoint)")
     add_precision_arg(p)
+
+
+def inference_options(args: argparse.Namespace) -> dict:
+    """The model and batching options of predict and eval, as the library takes them: one list for
+    every path (predict, predict --output, eval), so none drops one."""
+    options = dict(checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
+                   device=args.device, input_size=args.input_size, crop_pct=args.crop_pct, strict=args.strict,
+                   progress=show_progress(args), backend=args.backend, precision=args.precision)
+    return {**options, "topk": args.topk} if hasattr(args, "topk") else options
+
+
+def nothing_done(what: str, files: list[str]) -> int:
+    """Say, in one line, ``what`` went wrong ("no input could be classified"), with how many of the
+    ``files`` tried were empty or unreadable; the exit status 1."""
+    empty = sum(1 for f in files if os.path.isfile(f) and os.path.getsize(f) == 0)
+    print(f"hrnet: error: {what}: {len(files)} files found, {empty} empty, "
+          f"{len(files) - empty} unreadable", file=sys.stderr)
+    return 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,10 +87,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("under torchrun, predict writes its records with --output FILE")
     from ..inference.predict import predict
 
-    records = predict(args.name, args.inputs, topk=args.topk, checkpoint=args.checkpoint,
-                      batch_size=args.batch_size, workers=args.workers, device=args.device,
-                      input_size=args.input_size, crop_pct=args.crop_pct, strict=args.strict,
-                      progress=show_progress(args), backend=args.backend, precision=args.precision)
+    records = predict(args.name, args.inputs, **inference_options(args))
     if args.json:
         print_json(records)
     for r in records:
@@ -80,8 +98,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             for rank, t in enumerate(r["topk"], 1):
                 print(f"  {rank}. {100 * t['score']:6.2f}%  {t['label']} ({t['index']})")
     if not any("topk" in r for r in records):
-        print("hrnet: error: no input could be classified", file=sys.stderr)
-        return 1
+        return nothing_done("no input could be classified", [r["file"] for r in records])
     return 0
 
 
@@ -91,10 +108,8 @@ def predict_to_output(args: argparse.Namespace) -> int:
 
     info = init_distributed(args.device)
     try:
-        summary = predict_to_file(args.name, args.inputs, args.output, resume=args.resume, topk=args.topk,
-                                  checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
-                                  device=args.device, input_size=args.input_size, crop_pct=args.crop_pct,
-                                  strict=args.strict, progress=show_progress(args), backend=args.backend)
+        summary = predict_to_file(args.name, args.inputs, args.output, resume=args.resume,
+                                  **inference_options(args))
     finally:
         cleanup()
     if not info.is_main:

@@ -10,7 +10,7 @@ from ._common import add_model_args, add_output_args, add_parser, crop_size, pos
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..quantize import METHODS
+    from ..deploy.quantize import METHODS
 
     p = add_parser(sub, "quantize", "write a static int8 ONNX file (onnxruntime QDQ), calibrated on your images",
                    "  hrnet quantize hrnet-w18 --calib train_images/ -o hrnet-w18.int8.onnx\n"
@@ -32,16 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..quantize import quantize_onnx, read_metadata, require_onnx
+    from ..deploy.ort import onnx_metadata
+    from ..deploy.quantize import quantize_onnx, require_onnx
+    from ..fileio import refuse_same_file
     from ._common import load_model
 
+    refuse_same_file(args.output, args.checkpoint)
     require_onnx()  # before loading (maybe downloading) the model
     model = load_model(args)
     if not args.quiet and not args.json:
         print(f"quantizing {args.name} to {args.output} ...", file=sys.stderr, flush=True)  # chatter
     path = quantize_onnx(model, args.calib, args.output, num_images=args.num_images, method=args.method,
                          input_size=args.input_size, progress=show_progress(args))
-    meta = read_metadata(path)
+    meta = onnx_metadata(path)
     info = {"path": str(path), "bytes": path.stat().st_size, "method": args.method,
             "calibration_images": int(meta["hrnet.calibration.images"]),
             "skipped": int(meta["hrnet.calibration.skipped"]), "input_size": meta["hrnet.input_size"]}

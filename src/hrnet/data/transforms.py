@@ -11,6 +11,7 @@ mmcls's test pipeline for the HRNet zoo is ``Resize(size=(256, -1), backend='pil
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -44,20 +45,19 @@ def crop_offset(size: int, crop: int) -> int:
 
 
 class EvalTransform:
-    """PIL RGB image -> normalised float32 CHW tensor, exactly as mmcls evaluates."""
+    """PIL RGB image -> normalised float32 CHW tensor, exactly as mmcls evaluates: built from an
+    :class:`~hrnet.models.zoo.EvalConfig` only (torchvision's ``Weights.transforms`` form), so the
+    record is the one home of every preprocessing default."""
 
-    def __init__(self, input_size: int = 224, resize_size: int = 256,
-                 mean: tuple[float, ...] = EvalConfig.mean, std: tuple[float, ...] = EvalConfig.std,
-                 interpolation: str = "bilinear"):
-        if not 0 < input_size <= resize_size:
+    def __init__(self, cfg: EvalConfig):
+        if not 0 < cfg.input_size <= cfg.resize_size:
             raise TransformConfigError(
-                f"crop {input_size} must be positive and no larger than the resized short edge {resize_size}")
-        if interpolation not in RESAMPLE:
-            raise TransformConfigError(f"interpolation must be one of {', '.join(RESAMPLE)}, got {interpolation!r}")
-        self.input_size, self.resize_size, self.interpolation = input_size, resize_size, interpolation
-        self.resample = RESAMPLE[interpolation]
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+                f"crop {cfg.input_size} must be positive and no larger than the resized short edge {cfg.resize_size}")
+        self.cfg = cfg
+        self.input_size, self.resize_size, self.interpolation = cfg.input_size, cfg.resize_size, cfg.interpolation
+        self.resample = RESAMPLE[cfg.interpolation]
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
 
     @classmethod
     def from_config(cls, cfg: EvalConfig, input_size: int | None = None,
@@ -65,12 +65,12 @@ class EvalTransform:
         """The record's pipeline; ``input_size`` and/or ``crop_pct`` override it, and the resize
         becomes ``floor(input_size / crop_pct)`` (timm's rule) when either is given."""
         if input_size is None and crop_pct is None:
-            return cls(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std, cfg.interpolation)
+            return cls(cfg)
         size = cfg.input_size if input_size is None else input_size
         pct = cfg.crop_pct if crop_pct is None else crop_pct
         if not 0 < pct <= 1:
             raise TransformConfigError(f"--crop-pct must be in (0, 1], got {pct}")
-        return cls(size, math.floor(size / pct), cfg.mean, cfg.std, cfg.interpolation)
+        return cls(dataclasses.replace(cfg, input_size=size, resize_size=math.floor(size / pct)))
 
     def crop(self, img: Image.Image) -> Image.Image:
         """Resize and centre-crop: the pixels the model sees, before normalisation."""

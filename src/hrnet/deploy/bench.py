@@ -126,24 +126,21 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
     anything is built.
     """
     from ..builder import create_model
-    from .ort import OnnxRuntimeRunner, check_file_precision
-    from .runners import make_runner
+    from .engine import Classifier
 
     check_options(batch_size=batch_size, input_size=input_size, threads=threads, iters=iters, warmup=warmup)
 
-    if threads:
-        torch.set_num_threads(threads)
     start = time.perf_counter()
     if onnx is not None:
-        run = OnnxRuntimeRunner(onnx, threads)
-        precision = check_file_precision(onnx, run.metadata, precision)
-        if "hrnet.input_size" in run.metadata:
-            input_size = tuple(json.loads(run.metadata["hrnet.input_size"]))
+        clf = Classifier.build(name, checkpoint=onnx, threads=threads, precision=precision)
+        input_size = (clf.transform.input_size,) * 2
     else:
-        precision = precision or "fp32"
         model = create_model(name, checkpoint=checkpoint).eval()
-        run = make_runner(model, backend, precision=precision, input_size=input_size, threads=threads)
-        del model  # serve from the runner alone, as a deployment would
+        clf = Classifier.build(model, device="cpu", backend=backend, precision=precision, threads=threads,
+                               graph_size=tuple(input_size))
+        del model
+    run, precision = clf.runner, clf.precision
+    del clf  # serve from the runner alone, as a deployment would
     x = torch.randn(batch_size, 3, *input_size)
     run(x)
     setup_s = time.perf_counter() - start
@@ -161,20 +158,20 @@ def bench(name: str, backend: str, **kwargs) -> BenchResult:
     """
     options = {k: p.default for k, p in inspect.signature(bench_here).parameters.items()}
     check_options(**{k: kwargs.get(k, options[k]) for k in ("batch_size", "input_size", "threads", "iters", "warmup")})
+    from .ort import is_onnx_file, onnx_info, onnx_metadata
+    from .runners import check_precision
+
     checkpoint = kwargs.get("checkpoint")
-    if checkpoint is not None and str(checkpoint).lower().endswith(".onnx"):
+    if is_onnx_file(checkpoint):
         if backend != "onnxruntime":
             raise HRNetError(f"{checkpoint}: an ONNX file runs with the onnxruntime backend, not {backend}")
         kwargs = {**kwargs, "checkpoint": None, "onnx": str(checkpoint)}
     # refuse unavailable combinations here, in one line, not as the last line of a child's traceback
     if kwargs.get("onnx") is not None:
-        from .ort import check_file_precision, ort_session
+        from ..models import resolve
 
-        meta = dict(ort_session(kwargs["onnx"], 1).get_modelmeta().custom_metadata_map)
-        check_file_precision(kwargs["onnx"], meta, kwargs.get("precision"))
+        onnx_info(kwargs["onnx"], onnx_metadata(kwargs["onnx"]), record=resolve(name), precision=kwargs.get("precision"))
     else:
-        from .runners import check_precision
-
         check_precision(kwargs.get("precision") or "fp32", backend, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

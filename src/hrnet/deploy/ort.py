@@ -1,10 +1,12 @@
-"""onnxruntime, in one place: the optional import, sessions, and the runner for exported files.
+"""ONNX files and onnxruntime, in one place: the optional import, the .onnx check, the one reader of
+a file's ``hrnet.*`` metadata, sessions, and the runner for exported files.
 
 An hrnet ONNX file takes ``images`` (float32 NCHW, normalised) and returns ``logits``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import HRNetError
+from ..errors import HRNetError, UsageError
+from ..extras import require
+from ..models import EvalConfig, ModelRecord
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -36,11 +40,51 @@ def check_file_precision(path: str | os.PathLike, meta: dict[str, str], precisio
 
 def import_onnxruntime():
     """onnxruntime, or a one-line error saying how to get it (it is an optional extra)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BackendError("the onnxruntime backend needs onnxruntime: pip install 'hrnet[onnx]'") from None
+    require("onnx", "the onnxruntime backend", ("onnxruntime",), error=BackendError)
+    import onnxruntime
+
     return onnxruntime
+
+
+def is_onnx_file(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` names an ONNX file (run by onnxruntime) rather than weights for a model."""
+    return path is not None and os.fspath(path).lower().endswith(".onnx")
+
+
+def onnx_metadata(source) -> dict[str, str]:
+    """The custom metadata of an ONNX file (a path, or an onnxruntime session of it): the one reader."""
+    session = source if hasattr(source, "get_modelmeta") else ort_session(source, 1)
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def onnx_info(path: str | os.PathLike, meta: dict[str, str], *, record: ModelRecord | None = None,
+              num_classes: int | None = None, precision: str | None = None,
+              input_size: int | None = None) -> tuple[EvalConfig, int, int, str]:
+    """The preprocessing, (square) input side, class count and precision an hrnet ONNX file's metadata
+    ``meta`` records, checked: one line naming the file if it has none, was written for a model other
+    than ``record``, has other than ``num_classes`` classes, another ``precision`` (a file runs as it
+    was written; None asks nothing) or another ``input_size``."""
+    if "hrnet.num_classes" not in meta or "hrnet.input_size" not in meta:
+        raise UsageError(f"{path}: not an ONNX file written by hrnet export or hrnet quantize "
+                         "(no hrnet.* metadata: input size, preprocessing and classes are unknown)")
+    if record is not None and meta.get("hrnet.model", record.name) != record.name:
+        raise UsageError(f"{path}: the file holds {meta['hrnet.model']}, not {record.name}")
+    prefix = "hrnet.preprocess."
+    try:
+        values = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
+        values = {k: v if k == "interpolation" else json.loads(v) for k, v in values.items()}
+        cfg = EvalConfig.from_dict(values)
+        h, w = json.loads(meta["hrnet.input_size"])
+        classes = int(meta["hrnet.num_classes"])
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{path}: unreadable hrnet metadata ({e})") from None
+    if h != w:
+        raise UsageError(f"{path}: the graph's input is {h}x{w}; a centre crop is square")
+    if num_classes is not None and classes != num_classes:
+        raise UsageError(f"{path}: the file has {classes} classes, the model {num_classes}")
+    if input_size not in (None, h):
+        raise UsageError(f"{path}: the file takes {h}x{h} images, not --input-size {input_size}")
+    return cfg, h, classes, check_file_precision(path, meta, precision)
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):
@@ -80,7 +124,7 @@ class OnnxRuntimeRunner:
     @property
     def metadata(self) -> dict[str, str]:
         """The file's custom metadata: ``hrnet.*`` keys in files written by hrnet export/quantize."""
-        return dict(self.serial.get_modelmeta().custom_metadata_map)
+        return onnx_metadata(self.serial)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         images = x.detach().float().cpu().contiguous().numpy()

@@ -53,24 +53,36 @@ def native_bf16_cpu() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def check_precision(precision: str, backend: str, device: str) -> None:
-    """Raise a one-line BackendError unless ``backend`` can run ``precision`` on ``device`` ("cpu",
-    "cuda"...); warn (PrecisionWarning) where it runs without native support."""
+def precision_problem(precision: str, backend: str, device: str) -> str | None:
+    """The one table of which precision runs with which backend on which device ("cpu", "cuda"...):
+    None where ``backend`` runs ``precision`` on ``device``, else the one-line reason it does not."""
     if precision not in PRECISIONS:
-        raise BackendError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        return f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}"
     if precision == "int8":
-        raise BackendError(QUANTIZE_HINT)
-    if precision == "fp32":
-        return
-    if backend == "onnxruntime":
-        raise BackendError(f"{precision} is not available with the onnxruntime backend (it runs fp32 models and "
-                           f"int8 files); use --backend fused or compile for {precision}")
-    if device == "cpu" and precision == "fp16":
-        raise BackendError("fp16 needs a GPU (it is the GPU path; PyTorch's CPU fp16 convolutions are no faster "
-                           "than fp32); on CPU use bf16 (AVX512_BF16/AMX) or int8 ('hrnet quantize')")
-    if device == "cpu" and not native_bf16_cpu():
+        return QUANTIZE_HINT
+    if precision != "fp32" and backend == "onnxruntime":
+        return (f"{precision} is not available with the onnxruntime backend (it runs fp32 models and "
+                f"int8 files); use --backend fused or compile for {precision}")
+    if precision == "fp16" and device == "cpu":
+        return ("fp16 needs a GPU (it is the GPU path; PyTorch's CPU fp16 convolutions are no faster "
+                "than fp32); on CPU use bf16 (AVX512_BF16/AMX) or int8 ('hrnet quantize')")
+    return None
+
+
+def check_precision(precision: str, backend: str, device: str) -> None:
+    """Raise a one-line BackendError unless ``backend`` can run ``precision`` on ``device`` (see
+    :func:`precision_problem`); warn (PrecisionWarning) where it runs without native support."""
+    if (problem := precision_problem(precision, backend, device)) is not None:
+        raise BackendError(problem)
+    if precision == "bf16" and device == "cpu" and not native_bf16_cpu():
         warnings.warn("this CPU has no native bf16 (AVX512_BF16 or AMX): bf16 runs emulated, slower than fp32; "
                       "int8 ('hrnet quantize') is the fast path here", PrecisionWarning, stacklevel=3)
+
+
+def serving_backend(precision: str | None) -> str:
+    """The backend to serve with unless one is named: onnxruntime, the fastest fp32 on CPU (and the runner
+    of .onnx files), or ``fused`` for bf16/fp16, which onnxruntime does not run."""
+    return "onnxruntime" if precision in (None, "fp32", "int8") else "fused"
 
 
 def _eager(model: nn.Module) -> Runner:

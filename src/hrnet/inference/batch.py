@@ -15,6 +15,7 @@ merge adds a name -> position index and two integer arrays. Records are streamed
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -27,17 +28,31 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from ..data import ImageList, ImageReadError
 from ..distributed import all_gather_objects, barrier, init_distributed
 from ..errors import HRNetError, UsageError
-from ..fileio import atomic_write
-from .predict import Classifier, PathLike, expand_inputs, topk_records
+from ..fileio import LockedError, atomic_write, exclusive_lock
+from ..deploy.engine import Classifier, PathLike, check_topk
+from .predict import expand_inputs
 
 MAX_LINE = 16 << 20  # bytes; a 21k-class model's full ranking is ~1.5 MB, anything longer is not ours
 
 
 class OutputFileError(HRNetError):
     """An existing output (or part) file that does not hold prediction records."""
+
+
+def lock_path(output: PathLike) -> Path:
+    """The lock file beside ``output`` that one run at a time holds (``.OUT.lock``)."""
+    output = Path(output)
+    return output.with_name(f".{output.name}.lock")
+
+
+def _holds(lock: Path) -> bool:
+    """Whether ``lock`` (just locked) is still the file at its path, with this process's pid in it."""
+    try:
+        return lock.read_text().strip() == str(os.getpid())
+    except FileNotFoundError:
+        return False
 
 
 def part_path(output: PathLike, rank: int, world_size: int) -> Path:
@@ -141,10 +156,14 @@ def predict_to_file(model_or_name: nn.Module | str, inputs: PathLike | Iterable[
                     resume: bool = False, topk: int = 5, checkpoint: PathLike | None = None,
                     batch_size: int = 16, workers: int | None = None, device: str | None = None,
                     input_size: int | None = None, crop_pct: float | None = None, strict: bool = False,
-                    progress: bool = False, backend: str = "eager") -> dict:
-    """Classify ``inputs`` like :func:`~hrnet.inference.predict.predict`, streaming the records to the
-    JSON-lines file ``output`` as they come, in one process or sharded across a torchrun job.
+                    progress: bool = False, backend: str | None = None, precision: str | None = None,
+                    threads: int | None = None) -> dict:
+    """Classify ``inputs`` like :func:`~hrnet.inference.predict.predict` (the same model options), streaming
+    the records to the JSON-lines file ``output`` as they come, in one process or sharded across a
+    torchrun job.
 
+    One run at a time: the job holds an exclusive lock on ``.OUTPUT.lock`` beside the output, taken before
+    anything already there is read; a second run is refused in one line naming the process holding it.
     An existing non-empty ``output`` (or parts of an interrupted torchrun run) is refused unless
     ``resume``, which skips every file that already has a record, error records included, and may
     use another number of processes than the interrupted run. When the run ends the output holds one
@@ -152,13 +171,36 @@ def predict_to_file(model_or_name: nn.Module | str, inputs: PathLike | Iterable[
     ``inputs``, after them). Returns ``{"output", "files", "done", "skipped", "errors"}``: records
     written by this run, files skipped as already done, error records among those written.
     """
-    if topk < 1:
-        raise ValueError("topk must be at least 1")
+    check_topk(topk)
     output = Path(output)
     info = init_distributed(device)
-    files, missing = expand_inputs(inputs)
-    if strict and missing:
-        raise ImageReadError(missing[0]["error"])
+    with contextlib.ExitStack() as held:
+        refused = None
+        if info.is_main:  # one lock for the job: rank 0 holds it for every rank
+            lock = lock_path(output)
+            try:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                held.enter_context(exclusive_lock(lock, str(output), holder="another hrnet predict --output",
+                                                  instead="choose another --output"))
+                if not _holds(lock):  # we locked the file of a run that had just ended and removed it
+                    raise LockedError(f"{output}: another hrnet predict --output started on it at this "
+                                      "instant; wait for it to end or choose another --output")
+                held.callback(lock.unlink, missing_ok=True)  # removed while still held, only by its holder
+            except LockedError as e:
+                refused = str(e)
+        if refused := next(filter(None, all_gather_objects(refused)), None):
+            raise LockedError(refused)
+        build = dict(checkpoint=checkpoint, device=info.device, input_size=input_size, crop_pct=crop_pct,
+                     backend=backend, precision=precision, threads=threads, progress=progress and info.is_main)
+        return _predict_locked(model_or_name, build, inputs, output, info, resume=resume, topk=topk,
+                               batch_size=batch_size, workers=workers, strict=strict,
+                               progress=progress and info.is_main)
+
+
+def _predict_locked(model_or_name, build: dict, inputs, output: Path, info, *, resume: bool, topk: int,
+                    batch_size: int, workers: int | None, strict: bool, progress: bool) -> dict:
+    """:func:`predict_to_file` once the lock is held: ``build`` are :meth:`Classifier.build`'s options."""
+    files, missing = expand_inputs(inputs, strict)
     errors = {m["file"]: m["error"] for m in missing}
     names = files + list(errors)
     if len(set(all_gather_objects(_digest(names)))) > 1:
@@ -186,9 +228,7 @@ def predict_to_file(model_or_name: nn.Module | str, inputs: PathLike | Iterable[
     written = failed = 0
     target = part_path(output, info.rank, info.world_size) if info.distributed else output
     if mine:
-        clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=info.device, input_size=input_size,
-                               crop_pct=crop_pct, backend=backend, progress=progress and info.is_main)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        clf = Classifier.build(model_or_name, **build)
         with open(target, "a", encoding="utf-8") as out:
 
             def emit(record: dict) -> None:
@@ -196,18 +236,11 @@ def predict_to_file(model_or_name: nn.Module | str, inputs: PathLike | Iterable[
                 out.flush()
 
             images = [i for i in mine if i < len(files)]
-            dataset = ImageList([files[i] for i in images], transform=clf.transform)
-            for batch in clf.batches(dataset, batch_size, workers, strict=strict,
-                                     progress=progress and info.is_main, desc="predict"):
-                results = {bad.index: {"file": bad.file, "error": bad.error} for bad in batch.failed}
-                if len(batch.indices):
-                    probs = clf.logits(batch.images).softmax(dim=1).cpu()
-                    for j, top in zip(batch.indices.tolist(), topk_records(probs, clf.labels, topk)):
-                        results[j] = {"file": files[images[j]], "topk": top}
-                for j in sorted(results):
-                    emit(results[j])
-                failed += len(batch.failed)
-                written += len(results)
+            for _, record in clf.predictions([files[i] for i in images], topk=topk, batch_size=batch_size,
+                                             workers=workers, strict=strict, progress=progress):
+                emit(record)
+                failed += "error" in record
+                written += 1
             for i in mine[len(images):]:  # inputs that matched nothing, after the images as in predict()
                 emit({"file": names[i], "error": errors[names[i]]})
                 failed += 1

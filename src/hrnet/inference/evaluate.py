@@ -29,7 +29,7 @@ def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLi
     "top5"}]`` (classes present in the data) when ``per_class``. Joins the torchrun job if there is one.
     ``backend`` is one of :data:`hrnet.deploy.BACKENDS`, ``precision`` one of
     :data:`hrnet.deploy.PRECISIONS`; a ``checkpoint`` ending in ``.onnx`` runs with onnxruntime (see
-    :meth:`~hrnet.inference.predict.Classifier.build`). ``exclude_unknown`` evaluates only the wnid
+    :meth:`~hrnet.deploy.engine.Classifier.build`). ``exclude_unknown`` evaluates only the wnid
     folders of an ImageNet tree that also holds others (listed under ``"excluded"``) instead of refusing it.
     """
     info = init_distributed(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,8 +39,9 @@ class EvalConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
-            raise ValueError(f"interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}")
+        if self.interpolation not in typing.get_args(Interpolation):
+            raise ValueError(f"interpolation must be one of {', '.join(typing.get_args(Interpolation))}, "
+                             f"got {self.interpolation!r}")
 
     @property
     def crop_pct(self) -> float:

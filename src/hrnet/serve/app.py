@@ -30,7 +30,8 @@ from starlette.routing import Route
 from torch import nn
 
 from ..data import ImageReadError, NotAnImageError, decode_image
-from ..inference.predict import Classifier, topk_records
+from ..deploy.engine import Classifier, topk_records
+from ..deploy.runners import serving_backend
 from .batcher import Batcher
 from .protocol import (HEADER_LENGTH, IMAGE_INPUT, PROBS_OUTPUT, TENSOR_INPUT, RequestError, bad_request,
                        infer_response, parse_hf_json, parse_infer, parse_int, parse_multipart, parse_top_k)
@@ -374,10 +375,7 @@ def app_from_env() -> Starlette:
     return create_app(build_classifier(spec.pop("name"), **spec), config=config)
 
 
-def default_backend(precision: str | None) -> str:
-    """Serving's backend unless one is named: onnxruntime, the fastest fp32 on CPU (and the runner of
-    .onnx files), or ``fused`` for bf16/fp16, which onnxruntime does not run."""
-    return "fused" if precision in ("bf16", "fp16") else "onnxruntime"
+default_backend = serving_backend  # serving's backend unless one is named: the deploy table's
 
 
 def build_classifier(model: nn.Module | str, *, backend: str | None = None, precision: str | None = None,

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from .data import DatasetError, ImageDataset, ImageList, class_names, eval_transform, find_images, inference_loader
-from .deploy import BACKENDS, PRECISIONS, BackendError, Runner, make_runner
-from .errors import HRNetError
+from ..data import DatasetError, ImageDataset, ImageList, find_images
+from ..errors import HRNetError
+from .engine import Classifier, build_model
+from .ort import BackendError, is_onnx_file
+from .runners import BACKENDS, precision_problem
 
 
 class SpecError(HRNetError):
@@ -39,7 +40,7 @@ class RunSpec:
 
 def parse_spec(text: str) -> RunSpec:
     """``BACKEND[:PRECISION]`` or a path to an ``.onnx`` file, checked; a one-line error otherwise."""
-    if text.lower().endswith(".onnx") or os.sep in text:
+    if is_onnx_file(text) or os.sep in text:
         path = Path(text)
         if not path.is_file():
             raise SpecError(f"{text}: ONNX file not found")
@@ -51,35 +52,9 @@ def parse_spec(text: str) -> RunSpec:
                         f"{', '.join(BACKENDS)}, or the path of an .onnx file")
     if precision == "int8":
         raise SpecError(f"{text}: int8 runs from a quantized file: 'hrnet quantize' it, then pass the .onnx path")
-    if precision not in PRECISIONS:
-        raise SpecError(f"{text}: unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    return RunSpec(text, backend, precision)  # what this machine cannot run is refused by build_runner
-
-
-def _onnx_file_runner(spec: RunSpec) -> tuple[Runner, dict[str, str]]:
-    from .deploy.ort import OnnxRuntimeRunner
-
-    runner = OnnxRuntimeRunner(spec.path)
-    return runner, runner.metadata
-
-
-def build_runner(model: nn.Module, spec: RunSpec, input_size: int) -> Runner:
-    """The runner of a backend spec (files are opened by :func:`_onnx_file_runner`)."""
-    return make_runner(model, spec.backend, precision=spec.precision, input_size=(input_size, input_size))
-
-
-def _onnx_input_size(spec: RunSpec, meta: dict[str, str], num_classes: int) -> int | None:
-    """The square input size the file was built for (from its hrnet metadata), after checking its classes."""
-    classes = meta.get("hrnet.num_classes")
-    if classes is not None and int(classes) != num_classes:
-        raise SpecError(f"{spec.text}: the file has {classes} classes, the model {num_classes}")
-    size = meta.get("hrnet.input_size")
-    if size is None:
-        return None
-    h, w = (int(v) for v in size.strip("[]").split(","))
-    if h != w:
-        raise SpecError(f"{spec.text}: the file's input is {h}x{w}; compare needs a square crop")
-    return h
+    if (problem := precision_problem(precision, backend, "cpu")) is not None:  # compare runs on the CPU
+        raise SpecError(f"{text}: {problem}")
+    return RunSpec(text, backend, precision)
 
 
 def _dataset(data: str | os.PathLike, transform, num_classes: int) -> tuple[ImageDataset | ImageList, bool]:
@@ -112,7 +87,9 @@ def compare(model_or_name: nn.Module | str, data: str | os.PathLike, a: str, b: 
     """Run specs ``a`` and ``b`` (see :func:`parse_spec`) over the images in ``data`` and compare them.
 
     ``data`` is a folder: class folders (ImageNet wnids, or any names for a model trained on them)
-    add each run's accuracy; otherwise every image below it is used. CPU only. Returns
+    add each run's accuracy; otherwise every image below it is used. CPU only. Each run is a
+    :class:`~hrnet.deploy.engine.Classifier`; an .onnx run is checked against the model as ``predict``
+    checks it, and two .onnx runs load no PyTorch weights. Returns
     ``{"a", "b", "n", "input_size", "top1_agreement", "top5_overlap", "max_prob_diff", "accuracy",
     "disagreements", "skipped", "seconds"}``: agreement and overlap in percent (top-5 overlap: mean
     share of the two top-5 sets in common), the largest absolute softmax difference over all images
@@ -120,70 +97,68 @@ def compare(model_or_name: nn.Module | str, data: str | os.PathLike, a: str, b: 
     ``{"file", "a", "b"[, "label"]}`` record per image whose top-1 differs.
     """
     specs = {"a": parse_spec(a), "b": parse_spec(b)}
-    if isinstance(model_or_name, nn.Module):
-        if checkpoint is not None:
-            raise TypeError("checkpoint applies to a model name, not to a built model")
-        model = model_or_name
-    else:
-        from .builder import create_model
+    model = None
 
-        model = create_model(model_or_name, pretrained=checkpoint is None, checkpoint=checkpoint, progress=progress)
-    if next(model.parameters()).device.type != "cpu":
-        model = copy.deepcopy(model).cpu()  # leave the caller's model where it is
-    model.eval()
-    runners: dict[str, Runner] = {}
+    def torch_model() -> nn.Module:
+        """The PyTorch model on the CPU (the caller's left where it is), built only if a run needs it:
+        two .onnx runs load no weights and download nothing."""
+        nonlocal model
+        if model is None:
+            model = build_model(model_or_name, checkpoint, progress=progress)
+            if next(model.parameters()).device.type != "cpu":
+                model = copy.deepcopy(model).cpu()
+        return model
+
+    runs: dict[str, Classifier] = {}
     for key, spec in specs.items():  # ONNX files first: their fixed input size sets the crop
-        if spec.backend == "onnx-file":
-            runners[key], meta = _onnx_file_runner(spec)
-            size = _onnx_input_size(spec, meta, model.num_classes)
-            if size is not None and input_size is not None and size != input_size:
-                raise SpecError(f"{spec.text}: the file takes {size}x{size} images, not --input-size {input_size}")
-            input_size = size or input_size
-    transform = eval_transform(model, input_size, crop_pct)
+        if spec.path is not None:
+            runs[key] = Classifier.build(model_or_name, checkpoint=spec.path, input_size=input_size,
+                                         crop_pct=crop_pct)
+            input_size = runs[key].transform.input_size
     for key, spec in specs.items():
-        if key not in runners:
+        if key not in runs:
             try:
-                runners[key] = build_runner(model, spec, transform.input_size)
+                runs[key] = Classifier.build(torch_model(), device="cpu", input_size=input_size, crop_pct=crop_pct,
+                                             backend=spec.backend, precision=spec.precision)
             except BackendError as e:
                 raise SpecError(f"{spec.text}: {e}") from None
-    dataset, labelled = _dataset(data, transform, model.num_classes)
-    names = class_names(model.num_classes)
-    if labelled and dataset.layout == "folders" and len(dataset.classes) == model.num_classes:
+    first = runs["a"]
+    transform, names = first.transform, first.labels
+    num_classes = len(names)
+    dataset, labelled = _dataset(data, transform, num_classes)
+    if labelled and dataset.layout == "folders" and len(dataset.classes) == num_classes:
         names = dataset.classes  # a model trained on these folders: name its classes by them
-    k = min(5, model.num_classes)
+    k = min(5, num_classes)
     n = agree = overlap = 0
     hits = {key: [0, 0] for key in specs}
     seconds = dict.fromkeys(specs, 0.0)
     max_diff = 0.0
     disagreements, skipped = [], []
-    loader = inference_loader(dataset, batch_size, workers, device="cpu")
-    with tqdm(total=len(dataset), unit="img", desc="compare", disable=not progress, dynamic_ncols=True) as bar:
-        for batch in loader:
-            bar.update(len(batch.indices) + len(batch.failed))
-            skipped += [{"file": f.file, "error": f.error} for f in batch.failed]
-            if not len(batch.indices):
-                continue
-            probs = {}
-            for key, run in runners.items():
-                start = time.perf_counter()
-                probs[key] = run(batch.images).float().softmax(dim=1)
-                seconds[key] += time.perf_counter() - start
-            tops = {key: p.topk(k, dim=1).indices for key, p in probs.items()}
-            n += len(batch.indices)
-            same = tops["a"][:, 0] == tops["b"][:, 0]
-            agree += int(same.sum())
-            overlap += sum(len(set(ra.tolist()) & set(rb.tolist())) for ra, rb in zip(tops["a"], tops["b"]))
-            max_diff = max(max_diff, float((probs["a"] - probs["b"]).abs().max()))
-            for key in specs:
-                hits[key][0] += int((tops[key][:, 0] == batch.labels).sum())
-                hits[key][1] += int((tops[key] == batch.labels[:, None]).any(1).sum())
-            for row in (~same).nonzero().flatten().tolist():
-                record = {"file": dataset.samples[int(batch.indices[row])][0],
-                          "a": _top(probs["a"], names, row), "b": _top(probs["b"], names, row)}
-                if labelled:
-                    label = int(batch.labels[row])
-                    record["label"] = {"index": label, "label": names[label]}
-                disagreements.append(record)
+    for batch in first.batches(dataset, batch_size, workers, strict=False, progress=progress, desc="compare"):
+        skipped += [{"file": f.file, "error": f.error} for f in batch.failed]
+        if not len(batch.indices):
+            continue
+        probs = {}
+        for key, run in runs.items():
+            start = time.perf_counter()
+            probs[key] = run.logits(batch.images).softmax(dim=1)
+            seconds[key] += time.perf_counter() - start
+        tops = {key: p.topk(k, dim=1).indices for key, p in probs.items()}
+        n += len(batch.indices)
+        same = tops["a"][:, 0] == tops["b"][:, 0]
+        agree += int(same.sum())
+        overlap += sum(len(set(ra.tolist()) & set(rb.tolist())) for ra, rb in zip(tops["a"], tops["b"]))
+        max_diff = max(max_diff, float((probs["a"] - probs["b"]).abs().max()))
+        for key in specs:
+            hits[key][0] += int((tops[key][:, 0] == batch.labels).sum())
+            hits[key][1] += int((tops[key] == batch.labels[:, None]).any(1).sum())
+        for row in (~same).nonzero().flatten().tolist():
+            record = {"file": dataset.samples[int(batch.indices[row])][0],
+                      "a": _top(probs["a"], names, row), "b": _top(probs["b"], names, row)}
+            if labelled:
+                label = int(batch.labels[row])
+                record["label"] = {"index": label, "label": names[label]}
+            disagreements.append(record)
     if not n:
         raise DatasetError(f"{data}: none of the {len(dataset)} images could be decoded")
     return {"a": a, "b": b, "n": n, "input_size": transform.input_size,

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import ImageReadError, eval_transform, find_images, load_image
-from .deploy import export_metadata, export_onnx
-from .deploy.ort import INPUT_NAME
-from .errors import HRNetError
-from .fileio import atomic_write
+from ..data import ImageReadError, eval_transform, find_images, load_image
+from ..errors import HRNetError
+from ..extras import require
+from ..fileio import atomic_write
+from .export import export_metadata, export_onnx
+from .ort import INPUT_NAME
 
 METHODS: tuple[str, ...] = ("minmax", "entropy", "percentile")
 """minmax: the observed range of each activation; entropy: the range minimising the KL divergence of
@@ -46,11 +47,7 @@ class QuantizeError(HRNetError):
 
 def require_onnx() -> None:
     """Raise a one-line error unless the ``hrnet[onnx]`` extra (onnx, onnxruntime, onnxscript) is installed."""
-    for name in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            __import__(name)
-        except ImportError:
-            raise QuantizeError(f"int8 quantization needs {name}: pip install 'hrnet[onnx]'") from None
+    require("onnx", "int8 quantization", error=QuantizeError)
 
 
 def calibration_files(calib: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
@@ -193,15 +190,3 @@ def quantize_onnx(model: nn.Module, calib_files: str | os.PathLike | Iterable[st
         proto.metadata_props.add(key=key, value=value)
     atomic_write(out_path, lambda tmp: onnx.save(proto, tmp))
     return out_path
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of an ONNX file written by hrnet (``hrnet export`` or :func:`quantize_onnx`)."""
-    require_onnx()
-    import onnx
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise QuantizeError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
-    return {p.key: p.value for p in proto.metadata_props}
