@@ -125,9 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"run: {result.run_dir}  steps: {result.steps}  {metric}: best {_percent(result.best_metric)}, "
               f"last {_percent(result.last_metric)}")
-        print(f"weights: {result.best_weights}" + (f"  classes: {', '.join(result.class_names[:10])}"
-                                                    + (" ..." if len(result.class_names) > 10 else "")
-                                                    if result.class_names else ""))
+        print(f"weights: {result.best_weights}")
+        if result.class_names:
+            names = result.class_names
+            print(f"classes: {', '.join(names[:10])}" + (f" ... ({len(names)})" if len(names) > 10 else ""))
         if result.start == "random":
             print("started from: random weights (no pretrained weights, no --checkpoint)")
         print(f"log: {result.log}")
