@@ -139,7 +139,7 @@ def test_set_values_follow_yaml_1_2_numbers_and_strings(tmp_path):
     ("optim.weight_decay=2", "optim.weight_decay must be in [0, 1]"),
     ("optim.momentum=1.5", "optim.momentum must be in [0, 1)"),
     ("optim.weight_decay=-1e-4", "optim.weight_decay must be in [0, 1]"),
-    ("data.workers=-1", "data.workers must be 0"),
+    ("data.workers=-1", "data.workers must be auto, 0"),
     ("data.input_size=0", "data.input_size must be a multiple of 32"),
     ("model.num_classes=0", "model.num_classes must be at least 1"),
     ("model.drop_rate=1", "model.drop_rate must be in [0, 1)"),
@@ -303,7 +303,7 @@ def test_a_checkpoint_holding_nan_or_inf_is_never_written(tmp_path, digits):
 @pytest.mark.parametrize("args, fragments", [
     (["--set", "model.num_classes=1"], ["model.num_classes=1, but data.train has 10 classes",
                                         "set model.num_classes=10 or null"]),
-    (["--set", "data.workers=-1"], ["data.workers must be 0"]),
+    (["--set", "data.workers=-1"], ["data.workers must be auto, 0"]),
     (["--set", "train.device=tpu"], ["train.device=tpu: not a device"]),
     (["--set", "output.dir={tmp}/file.txt/run"], ["output.dir=", "cannot write there"]),
 ])
