@@ -162,6 +162,7 @@ QUIET_CASES = {
               "data.val={val}", "--set", "schedule.epochs=1", "--set", "data.batch_size=8", "--set",
               "output.dir={tmp}/run2"],
     "plot": ["plot", "{run}", "-o", "{tmp}/curves.png"],
+    "recipes": ["recipes"],
     "quantize": ["quantize", *W, "--calib", "{val}", "--num-images", "4", "--input-size", "32", "-o",
                  "{tmp}/m.int8.onnx"],
     "compare": ["compare", *W, "--data", "{val}", "--input-size", "32", "eager", "fused"],
