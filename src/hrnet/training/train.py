@@ -54,7 +54,7 @@ from ..distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier
                            init_distributed)
 from ..errors import HRNetError
 from ..fileio import atomic_write, display_path
-from ..models import EvalConfig, resolve, resolve_arch
+from ..models import EvalConfig, resolve_arch
 from ..weights import eval_config_of, local_path, save_checkpoint
 from ..weights.layouts import infer_arch
 from ..weights.loading import read_state_dict
