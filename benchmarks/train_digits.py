@@ -2,7 +2,7 @@
 
 The 1,797 real 8x8 scans (10 classes) are upscaled and written as a class-per-folder image tree
 (80 % train, 20 % held out, stratified) in a temporary directory, by the function behind
-``hrnet data digits``; ``configs/digits.yaml`` is the recipe. The best checkpoint is reloaded with
+``hrnet data digits``; ``hrnet train digits`` is the recipe. The best checkpoint is reloaded with
 ``create_model(checkpoint=...)`` and scored on the held-out images. The last line prints
 ``accuracy`` and the seconds taken (data writing excluded).
 
@@ -24,7 +24,7 @@ from hrnet.data import ImageDataset, collate, digits, eval_transform
 from hrnet.training.config import load_config
 from hrnet.training.train import train
 
-RECIPE = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+RECIPE = "digits"  # the packaged recipe (hrnet recipes digits)
 
 
 def write_digits(root: Path, size: int = 32, held_out: float = 0.2, seed: int = 0,

@@ -126,7 +126,7 @@ def test_the_checker_finds_commands_and_refuses_a_wrong_option():
         "Some prose that mentions hrnet predict --nonsense outside a code block.",
         "```bash",
         "hrnet predict hrnet-w18 photo.jpg --topk 3   # a comment --nonsense",
-        "hrnet data digits digits && hrnet train configs/digits.yaml",
+        "hrnet data digits digits && hrnet train digits",
         "torchrun --nproc-per-node 2 -m hrnet eval hrnet-w18 \\",
         "    --data val/ --batch-size 8",
         "$ hrnet predict hrnet-w18 photo.jpg --top-kay 3",
@@ -138,7 +138,7 @@ def test_the_checker_finds_commands_and_refuses_a_wrong_option():
     argvs = [argv for line in code_lines(text) for argv in hrnet_argvs(line)]
     assert argvs == [
         ["predict", "hrnet-w18", "photo.jpg", "--topk", "3"],
-        ["data", "digits", "digits"], ["train", "configs/digits.yaml"],
+        ["data", "digits", "digits"], ["train", "digits"],
         ["eval", "hrnet-w18", "--data", "val/", "--batch-size", "8"],
         ["predict", "hrnet-w18", "photo.jpg", "--top-kay", "3"],
         ["predict", "hrnet-w18", "photo.jpg", "--top", "3"],

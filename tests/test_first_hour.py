@@ -139,7 +139,7 @@ def small(tmp_path_factory):
     ckpt = tmp / "w.safetensors"
     torch.manual_seed(0)
     hrnet.save_checkpoint(hrnet.create_model("hrnet-w18-small", num_classes=10), ckpt)
-    run = train(load_config(ROOT / "configs" / "digits.yaml",
+    run = train(load_config("digits",
                             [f"data.train={train_dir}", f"data.val={val_dir}", "schedule.epochs=1", "data.batch_size=8",
                              f"output.dir={tmp / 'run'}"]), quiet=True)
     image = next((val_dir / "5").glob("*.png"))
@@ -158,10 +158,11 @@ QUIET_CASES = {
     "predict": ["predict", *W, "{image}", "--input-size", "32"],
     "eval": ["eval", *W, "--data", "{val}", "--input-size", "32"],
     "convert": ["convert", "{ckpt}", "{tmp}/converted.safetensors"],
-    "train": ["train", str(ROOT / "configs" / "digits.yaml"), "--set", "data.train={train}", "--set",
+    "train": ["train", "digits", "--set", "data.train={train}", "--set",
               "data.val={val}", "--set", "schedule.epochs=1", "--set", "data.batch_size=8", "--set",
               "output.dir={tmp}/run2"],
     "plot": ["plot", "{run}", "-o", "{tmp}/curves.png"],
+    "recipes": ["recipes"],
     "quantize": ["quantize", *W, "--calib", "{val}", "--num-images", "4", "--input-size", "32", "-o",
                  "{tmp}/m.int8.onnx"],
     "compare": ["compare", *W, "--data", "{val}", "--input-size", "32", "eager", "fused"],

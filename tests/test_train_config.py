@@ -11,7 +11,6 @@ from hrnet.models import resolve
 from hrnet.training.config import Config, ConfigError, load_config
 from hrnet.training.optim import lr_factor
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SEED_WIDTHS = (18, 30, 32, 40, 44, 48, 64)
 
 
@@ -73,7 +72,7 @@ def test_inconsistent_values_are_refused(tmp_path):
 
 @pytest.mark.parametrize("width", SEED_WIDTHS)
 def test_imagenet_recipe_is_the_mmcls_one_for_every_width(width):
-    cfg = load_config(CONFIGS / "imagenet.yaml", [f"model.name=hrnet-w{width}"])
+    cfg = load_config("imagenet", [f"model.name=hrnet-w{width}"])
     assert cfg.model.name == f"hrnet-w{width}" and not cfg.model.pretrained
     assert resolve(cfg.model.name).name == f"hrnet-w{width}"  # a zoo record, not just a string
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.1, 0.9, 1e-4)
@@ -83,10 +82,10 @@ def test_imagenet_recipe_is_the_mmcls_one_for_every_width(width):
 
 
 def test_finetune_and_digits_recipes_load():
-    ft = load_config(CONFIGS / "finetune.yaml")
+    ft = load_config("finetune")
     assert ft.model.pretrained and ft.model.num_classes is None
-    assert ft.optim.lr < load_config(CONFIGS / "imagenet.yaml").optim.lr and ft.schedule.epochs < 100
-    digits = load_config(CONFIGS / "digits.yaml")
+    assert ft.optim.lr < load_config("imagenet").optim.lr and ft.schedule.epochs < 100
+    digits = load_config("digits")
     assert digits.model.name == "hrnet-w18-small" and not digits.data.hflip
 
 

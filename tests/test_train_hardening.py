@@ -29,7 +29,6 @@ from hrnet.weights import save_checkpoint
 from test_train import hrnet_cmd, log_records, write_digits
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HRNET_OFFLINE": "1"}
 
 # 40 images at 32 px, batches of 8: 5 steps per epoch, a few seconds per run
@@ -140,7 +139,7 @@ def test_set_values_follow_yaml_1_2_numbers_and_strings(tmp_path):
     ("optim.weight_decay=2", "optim.weight_decay must be in [0, 1]"),
     ("optim.momentum=1.5", "optim.momentum must be in [0, 1)"),
     ("optim.weight_decay=-1e-4", "optim.weight_decay must be in [0, 1]"),
-    ("data.workers=-1", "data.workers must be 0"),
+    ("data.workers=-1", "data.workers must be auto, 0"),
     ("data.input_size=0", "data.input_size must be a multiple of 32"),
     ("model.num_classes=0", "model.num_classes must be at least 1"),
     ("model.drop_rate=1", "model.drop_rate must be in [0, 1)"),
@@ -304,7 +303,7 @@ def test_a_checkpoint_holding_nan_or_inf_is_never_written(tmp_path, digits):
 @pytest.mark.parametrize("args, fragments", [
     (["--set", "model.num_classes=1"], ["model.num_classes=1, but data.train has 10 classes",
                                         "set model.num_classes=10 or null"]),
-    (["--set", "data.workers=-1"], ["data.workers must be 0"]),
+    (["--set", "data.workers=-1"], ["data.workers must be auto, 0"]),
     (["--set", "train.device=tpu"], ["train.device=tpu: not a device"]),
     (["--set", "output.dir={tmp}/file.txt/run"], ["output.dir=", "cannot write there"]),
 ])
@@ -351,11 +350,11 @@ def test_finetune_recipe_starts_offline_from_a_checkpoint_file(tmp_path, digits,
               f"data.val={digits}/train", "--set", "data.input_size=32", "--set", "data.batch_size=8", "--set",
               "data.workers=0", "--set", "schedule.epochs=1", "--set", "optim.lr=1e-30", "--set",
               f"output.dir={run}"]
-    rc, _, err = cli(capsys, "train", str(CONFIGS / "finetune.yaml"), "--set", f"model.checkpoint={weights}",
+    rc, _, err = cli(capsys, "train", "finetune", "--set", f"model.checkpoint={weights}",
                      *common)
     assert_one_line_error(rc, err, "not both", "--checkpoint PATH")
     monkeypatch.setenv("HRNET_OFFLINE", "1")  # no download may be tried
-    rc, out, err = cli(capsys, "train", str(CONFIGS / "finetune.yaml"), "--checkpoint", str(weights), "-q", *common)
+    rc, out, err = cli(capsys, "train", "finetune", "--checkpoint", str(weights), "-q", *common)
     assert rc == 0, err
     best = load_file(run / "best.safetensors")
     for key in ("conv1.weight", "stage4.0.fuse_layers.0.1.0.weight"):  # lr 1e-30 leaves the start unchanged
@@ -376,7 +375,9 @@ def test_quiet_prints_results_only_and_no_bars_go_into_a_pipe(tmp_path, digits):
     for proc in (loud, quiet):
         lines = proc.stdout.splitlines()
         assert lines[0].startswith(f"run: {run}  steps: 5  training accuracy: best ") and ", last " in lines[0]
-        assert lines[1:] == [f"weights: {run / 'best.safetensors'}", f"log: {run / 'log.jsonl'}"]
+        assert lines[1:] == [f"weights: {run / 'best.safetensors'}", "classes: " + ", ".join(map(str, range(10))),
+                             "started from: random weights (no pretrained weights, no --checkpoint)",
+                             f"log: {run / 'log.jsonl'}"]
     plot = subprocess.run(hrnet_cmd("plot", str(run), "-o", str(tmp_path / "c.png"), "-q"), env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert (plot.returncode, plot.stdout, plot.stderr) == (0, f"{tmp_path / 'c.png'}\n", "")
@@ -384,10 +385,10 @@ def test_quiet_prints_results_only_and_no_bars_go_into_a_pipe(tmp_path, digits):
 
 def test_digits_recipe_names_the_command_that_writes_its_data(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rc, _, err = cli(capsys, "train", str(CONFIGS / "digits.yaml"))
+    rc, _, err = cli(capsys, "train", "digits")
     assert_one_line_error(rc, err)
     assert err == "hrnet: error: digits/train: data folder not found; run `hrnet data digits digits` first\n"
-    recipe = load_config(CONFIGS / "digits.yaml")  # the command writes OUT/train and OUT/val: the recipe's folders
+    recipe = load_config("digits")  # the command writes OUT/train and OUT/val: the recipe's folders
     out = recipe.data.prepare.split()[-1]
     assert recipe.data.prepare == f"hrnet data digits {out}"
     assert (recipe.data.train, recipe.data.val) == (f"{out}/train", f"{out}/val")

@@ -29,7 +29,7 @@ EPILOG = """examples:
   hrnet info hrnet_w18_ssld           one record (any alias works)
   hrnet flops hrnet-w48 --input-size 288 288 --json
   hrnet convert HRNet_W18_C_ssld_pretrained.pdparams w18-ssld.safetensors
-  hrnet data digits digits && hrnet train configs/digits.yaml
+  hrnet data digits digits && hrnet train digits
 
 'hrnet COMMAND --help' explains each command."""
 

@@ -10,8 +10,8 @@ from ._common import add_output_args, add_parser, print_json
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "data", "write a built-in data set as train/val image folders (needs hrnet[digits])",
-                   "  hrnet data digits digits                # what configs/digits.yaml reads\n"
-                   "  hrnet train configs/digits.yaml\n"
+                   "  hrnet data digits digits                # what the digits recipe reads\n"
+                   "  hrnet train digits\n"
                    "  hrnet data digits /tmp/d64 --size 64 --val-fraction 0.1 --seed 1 --json")
     p.add_argument("dataset", choices=["digits"],
                    help="digits: scikit-learn's 1,797 handwritten 8x8 digit scans (10 classes)")
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
                    help="share of each class held out in OUT_DIR/val (default 0.2)")
     p.add_argument("--size", type=int, default=32, metavar="PX",
-                   help="image side in pixels, bilinear upscaling (default 32, as configs/digits.yaml)")
+                   help="image side in pixels, bilinear upscaling (default 32, as the digits recipe)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
     p.add_argument("--per-class", type=int, default=None, metavar="N",
                    help="keep only N scans of each digit, before the split (default: all, about 180)")

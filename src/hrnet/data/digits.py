@@ -1,5 +1,5 @@
 """scikit-learn's 1,797 handwritten digit scans as a class-per-folder image tree: a small real data set
-that needs no download, for the digits recipe (``configs/digits.yaml``), the demo and the tests.
+that needs no download, for the digits recipe (``hrnet train digits``), the demo and the tests.
 
 The scans are 8x8 with 17 grey levels (0..16); each is scaled to 0..255, upscaled bilinearly to
 ``size`` x ``size`` and saved as a greyscale PNG ``{train,val}/<digit>/<index>.png`` (``index`` is the
