@@ -231,3 +231,11 @@ def test_eval_of_a_subset_folder_equals_the_full_accuracy_restricted_to_it(tmp_p
     assert len(got) == len(expected) == 28
     assert sum(got) == sum(expected)
     assert part == {p: v for p, v in whole.items() if p.split("/")[0] in keep}
+    # and `hrnet eval` itself (the funnel) labels the subset by name, and refuses a folder it does not know
+    result = hrnet.evaluate("hrnet-w18-small", subset, checkpoint=run / "best.safetensors", batch_size=7)
+    assert result["n"] == 28 and result["top1"] == pytest.approx(100.0 * sum(expected) / 28)
+    (subset / "emu").mkdir()
+    shutil.copy(next((subset / "one").iterdir()), subset / "emu" / "x.png")
+    rc, _, err = cli(capsys, "eval", "hrnet-w18-small", "--checkpoint", str(run / "best.safetensors"),
+                     "--data", str(subset))
+    assert rc == 1 and err.count("\n") == 1 and "folder 'emu' is not one of the model's 10 classes" in err

@@ -86,6 +86,7 @@ class Classifier:
     labels: list[str]
     runner: Runner
     precision: str = "fp32"  # what runs: asked for, or (an .onnx file) what the file was written in
+    names: tuple[str, ...] | None = None  # the model's own class names (``labels`` falls back to indices)
 
     @classmethod
     def build(cls, model_or_name: nn.Module | str, *, checkpoint: PathLike | None = None,
@@ -114,7 +115,8 @@ class Classifier:
         precision = precision or "fp32"
         runner = make_runner(model, backend or "eager", precision=precision, threads=threads,
                              input_size=graph_size or (transform.input_size, transform.input_size))
-        return cls(model, device, transform, class_names(model), runner, precision)
+        return cls(model, device, transform, class_names(model), runner, precision,
+                   getattr(model, "class_names", None))
 
     @classmethod
     def _from_onnx(cls, model_or_name: nn.Module | str, path: PathLike, *, input_size: int | None,
@@ -134,7 +136,8 @@ class Classifier:
         runner = OnnxRuntimeRunner(path, threads)  # a missing extra or a damaged file: one line
         cfg, size, classes, names, precision = onnx_info(path, runner.metadata, record=record, num_classes=classes,
                                                   precision=precision, input_size=input_size)
-        return cls(None, "cpu", eval_transform(cfg, size, crop_pct), class_names(classes, names), runner, precision)
+        return cls(None, "cpu", eval_transform(cfg, size, crop_pct), class_names(classes, names), runner, precision,
+                   names)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.runner(images.to(self.device, non_blocking=True)).float()

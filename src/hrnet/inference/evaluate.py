@@ -36,8 +36,11 @@ def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLi
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=info.device, input_size=input_size,
                            crop_pct=crop_pct, backend=backend, precision=precision,
                            progress=progress and info.is_main)
-    dataset = ImageDataset(data, ann_file=ann_file, transform=clf.transform, exclude_unknown=exclude_unknown)
     num_classes = len(clf.labels)
+    # Class folders are labelled by the model's own names where it has them (a subset folder is
+    # labelled right, an unknown folder refused); without names their count must be the model's.
+    dataset = ImageDataset(data, ann_file=ann_file, transform=clf.transform, exclude_unknown=exclude_unknown,
+                           class_names=clf.names, num_classes=num_classes)
     top_label = max(label for _, label in dataset.samples)
     if top_label >= num_classes:
         raise DatasetError(f"{ann_file or data}: label {top_label} does not exist in a model with "
