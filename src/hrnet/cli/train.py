@@ -7,7 +7,7 @@ import sys
 
 from ..training.config import RESUMABLE_TEXT, TrainOptions
 from ..training.rundir import EXIT_PREEMPTED
-from ._common import add_output_args, add_parser, print_json
+from ._common import add_device_arg, add_output_args, add_parser, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  hrnet train configs/finetune.yaml --set data.train=flowers/train --set model.num_classes=102\n"
         "  hrnet train configs/finetune.yaml --checkpoint w18.safetensors --set data.train=pets/train   # offline\n"
         "  hrnet train configs/digits.yaml --set schedule.epochs=3 --set output.dir=runs/try\n"
+        "  hrnet train configs/digits.yaml --device cuda --set train.amp=bf16 --set train.channels_last=true\n"
         "  hrnet train configs/imagenet.yaml --resume                  # newest checkpoint in output.dir\n"
         "  hrnet train configs/imagenet.yaml --resume runs/imagenet/checkpoints/step-00050000.pt\n"
         "  hrnet train configs/digits.yaml --set 'optim={lr: 0.5}'     # merged: momentum etc. are kept\n"
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", metavar="PATH",
                    help="start from these weights (any format hrnet reads) instead of the published ones: "
                         "sets model.checkpoint and turns model.pretrained off")
+    add_device_arg(p)  # the same as --set train.device=DEVICE
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH|auto",
                        help="continue from PATH, or without PATH from the newest checkpoint in output.dir; auto: "
@@ -68,7 +70,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..training.config import load_config, with_checkpoint
     from ..training import train as training
 
-    cfg = load_config(args.config, args.overrides)
+    if args.device:
+        from ..distributed import check_device
+
+        check_device(args.device)  # "--device cuda: ...", as the user wrote it
+    overrides = args.overrides + ([f"train.device={args.device}"] if args.device else [])
+    cfg = load_config(args.config, overrides)
     if args.checkpoint:
         cfg = with_checkpoint(cfg, args.checkpoint)
     training.check_device(cfg.train.device)
