@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from PIL import Image
@@ -258,6 +257,9 @@ def test_serve_on_cuda_answers_like_predict(photo_setup, photos, tmp_path):
 
 def test_export_from_a_cuda_model_writes_the_same_onnx_as_from_the_cpu(photo_setup, tmp_path, capsys):
     from hrnet.weights import save_checkpoint
+
+    onnx = pytest.importorskip("onnx", reason="hrnet[onnx] is not installed")
+    import onnx.numpy_helper
 
     model, _, _ = photo_setup
     ckpt = save_checkpoint(model, tmp_path / "m.safetensors")
