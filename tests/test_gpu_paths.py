@@ -302,7 +302,7 @@ def test_train_compile_trains_like_the_eager_model_and_saves_the_plain_weights(t
 
 @pytest.mark.slow
 def test_gpu_check_script_says_there_is_no_gpu_and_its_tests_skip(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                           env=env, timeout=600, cwd=ROOT)
     log = (tmp_path / "gpu_check.log").read_text()
