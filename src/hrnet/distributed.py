@@ -14,6 +14,7 @@ the ranks whose counters stand still are the ones to blame.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -39,6 +40,38 @@ class CollectiveError(HRNetError):
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class DeviceError(HRNetError):
+    """A device this machine cannot run: not cpu/cuda/cuda:N, no CUDA GPU, or no GPU of that index."""
+
+
+def device_syntax(text: str) -> str | None:
+    """The one-line reason ``text`` is not ``cpu``, ``cuda`` or ``cuda:N``; None when it is one."""
+    if re.fullmatch(r"cpu|cuda(:[0-9]{1,3})?", text):
+        return None
+    return f"not a device: use cpu, cuda or cuda:N (got {text[:40]!r})"
+
+
+def check_device(device: str | None, option: str = "--device") -> str:
+    """``device`` (default: :func:`default_device`) once this machine is known to run it, else a
+    one-line :class:`DeviceError` naming ``option`` and the device: the one check every command makes
+    before it builds anything on a device, so ``--device cuda`` without a GPU is never a traceback."""
+    if device is None:
+        return default_device()
+    flag = option.startswith("-")
+    where, cpu = (f"{option} {device}", f"{option} cpu") if flag else (f"{option}={device}", f"{option}=cpu")
+    if (problem := device_syntax(device)) is not None:
+        raise DeviceError(f"{where}: {problem}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{where}: no CUDA GPU is available here (torch {torch.__version__}, "
+                              f"CUDA build {torch.version.cuda or 'none'}); use {cpu}")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise DeviceError(f"{where}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 @dataclass(frozen=True)
@@ -129,12 +162,13 @@ class _Heartbeat(threading.Thread):
 def init_distributed(device: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join the process group torchrun set up (idempotent: the first call's timeout holds); a plain
     single process otherwise. Joining is bounded by the collective timeout too: a rank that never
-    arrives is a :class:`CollectiveError`, not a hang."""
+    arrives is a :class:`CollectiveError`, not a hang. ``device`` is checked first (:func:`check_device`);
+    under torchrun a CUDA device becomes ``cuda:LOCAL_RANK``, one GPU per process, with NCCL."""
+    device = check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return DistInfo(device=device or default_device())
+        return DistInfo(device=device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = device or default_device()
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)

@@ -66,6 +66,16 @@ def show_progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
+def add_compile_mode_arg(p: argparse.ArgumentParser) -> None:
+    """--compile-mode, the torch.compile mode of the compile backend (predict, eval, bench, serve)."""
+    from ..deploy.runners import COMPILE_MODES
+
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="with --backend compile: torch.compile's mode (default 'default'; reduce-overhead "
+                        "replays CUDA graphs, which pays at small batches on a GPU; max-autotune also "
+                        "searches kernels, minutes of warm-up)")
+
+
 def add_precision_arg(p: argparse.ArgumentParser) -> None:
     """--precision, shared by predict, eval, bench and serve."""
     p.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -97,17 +107,35 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def device_name(text: str) -> str:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N`` (whether this machine has that GPU is checked when
+    the command runs, by :func:`hrnet.distributed.check_device`, so a command line parses anywhere)."""
+    from ..distributed import device_syntax
+
+    if (problem := device_syntax(text)) is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """--device, the same option in every command that runs a model."""
+    p.add_argument("--device", type=device_name, default=None, metavar="cpu|cuda|cuda:N",
+                   help="where the model runs (default: cuda if a GPU is available, else cpu); with a GPU, "
+                        "see docs/guides/gpu.md for the settings to pick")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """NAME plus where its weights come from: the zoo's published file, or --checkpoint."""
+    """NAME plus where its weights come from (the zoo's published file, or --checkpoint) and --device."""
     p.add_argument("name", metavar="NAME", help="model name or alias (see 'hrnet list')")
     p.add_argument("--checkpoint", metavar="PATH_OR_URL",
                    help="weights to load instead of the published ones: any supported format")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_device_arg(p)
 
 
 def load_model(args: argparse.Namespace):
     """The model named on the command line, with --checkpoint or else the published weights, in eval mode."""
     from ..deploy.engine import build_model
-    from ..distributed import default_device
+    from ..distributed import check_device
 
-    return build_model(args.name, args.checkpoint, progress=show_progress(args)).to(args.device or default_device()).eval()
+    device = check_device(args.device)  # before a download, not after
+    return build_model(args.name, args.checkpoint, progress=show_progress(args)).to(device).eval()

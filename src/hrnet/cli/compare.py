@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet compare hrnet-w18 --data val/ eager hrnet-w18.int8.onnx\n"
                    "  hrnet compare hrnet-w18 --checkpoint my.safetensors --data val/ fused fused:bf16 --json\n"
                    "  hrnet compare hrnet-w48 --data photos/ eager onnxruntime --input-size 288\n"
+                   "  hrnet compare hrnet-w18 --data val/ --device cuda fused fused:fp16   # on a GPU\n"
                    "RUN is BACKEND[:PRECISION] (backends: eager, fused, compile, onnxruntime; precisions: fp32,\n"
                    "bf16 with eager and fused) or the path of an .onnx file (from hrnet quantize or export).\n"
                    "A folder of class folders is labelled (as hrnet eval reads it) and adds each run's accuracy.")
@@ -32,13 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..deploy.compare import compare
 
-    if args.device not in (None, "cpu"):
-        from ..errors import HRNetError
-
-        raise HRNetError(f"--device {args.device}: compare runs on the CPU only")
     r = compare(args.name, args.data, args.a, args.b, checkpoint=args.checkpoint, batch_size=args.batch_size,
                 workers=args.workers, input_size=args.input_size, crop_pct=args.crop_pct,
-                progress=show_progress(args))
+                progress=show_progress(args), device=args.device or "cpu")
     for s in r["skipped"]:
         print(f"hrnet: skipped {s['error']}", file=sys.stderr)
     if args.json:

@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet eval hrnet-w18 --data /data/val --ann-file val.txt  # 'relative/path label' lines\n"
                    "  hrnet eval hrnet-w48-ssld --data val --per-class --json --backend fused\n"
                    "  hrnet eval hrnet-w18 --data val --backend compile --precision bf16\n"
+                   "  hrnet eval hrnet-w18 --data val --device cuda --precision bf16   # fused, batch 256, 8 workers\n"
                    "  hrnet eval hrnet-w18 --checkpoint w18.int8.onnx --data val   # from 'hrnet quantize'\n"
                    "  torchrun --nproc-per-node 8 -m hrnet eval hrnet-w18 --data /data/imagenet/val")
     add_model_args(p)
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-class", action="store_true", help="also report each class's accuracy")
     p.add_argument("--exclude-unknown", action="store_true",
                    help="skip non-wnid folders (lost+found, backups...) of an ImageNet tree instead of refusing it")
-    add_inference_args(p, batch_size=32)
+    add_inference_args(p, batch_size=None)
     add_output_args(p)
     p.set_defaults(func=cmd_eval)
 

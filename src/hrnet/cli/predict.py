@@ -9,14 +9,16 @@ import sys
 from ..data.decode import display_path
 from ..deploy import BACKENDS
 from ..errors import UsageError
-from ._common import (add_model_args, add_output_args, add_parser, add_precision_arg, crop_fraction, crop_size,
-                      positive_int, print_json, show_progress, worker_count)
+from ._common import (add_compile_mode_arg, add_model_args, add_output_args, add_parser, add_precision_arg,
+                      crop_fraction, crop_size, positive_int, print_json, show_progress, worker_count)
 
 
-def add_inference_args(p: argparse.ArgumentParser, batch_size: int, runs: bool = True) -> None:
-    """Options shared by predict, eval and compare: preprocessing overrides, batching; with ``runs``
-    (not compare, whose runs name them) the bad-file policy, backend and precision."""
-    p.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N", help=f"default {batch_size}")
+def add_inference_args(p: argparse.ArgumentParser, batch_size: int | None, runs: bool = True) -> None:
+    """Options shared by predict, eval and compare: preprocessing overrides, batching (``batch_size``
+    None: the device's, :func:`hrnet.deploy.engine.device_defaults`); with ``runs`` (not compare, whose
+    runs name them) the bad-file policy, backend, precision and compile mode."""
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
+                   help=f"default {batch_size}" if batch_size else "default 32 on CPU, 256 on a GPU")
     p.add_argument("--workers", type=worker_count, default=None, metavar="N",
                    help="decoding processes; 0 decodes in-process (default: 0 on CPU, where the model "
                         "already uses every core; up to 8 with a GPU)")
@@ -30,17 +32,23 @@ def add_inference_args(p: argparse.ArgumentParser, batch_size: int, runs: bool =
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="eager: the model as built; fused: BN folded, channels-last; compile: torch.compile of "
-                        "the fused model; onnxruntime: needs hrnet[onnx] (default eager; onnxruntime for an "
-                        ".onnx --checkpoint)")
+                        "the fused model; onnxruntime: needs hrnet[onnx], CPU only (default eager on CPU, fused "
+                        "on a GPU; onnxruntime for an .onnx --checkpoint)")
     add_precision_arg(p)
+    add_compile_mode_arg(p)
 
 
 def inference_options(args: argparse.Namespace) -> dict:
     """The model and batching options of predict and eval, as the library takes them: one list for
     every path (predict, predict --output, eval), so none drops one."""
-    options = dict(checkpoint=args.checkpoint, batch_size=args.batch_size, workers=args.workers,
-                   device=args.device, input_size=args.input_size, crop_pct=args.crop_pct, strict=args.strict,
-                   progress=show_progress(args), backend=args.backend, precision=args.precision)
+    from ..deploy.engine import device_defaults
+    from ..distributed import check_device
+
+    device = check_device(args.device)  # one line before anything is built or downloaded
+    options = dict(checkpoint=args.checkpoint, batch_size=args.batch_size or device_defaults(device).batch_size,
+                   workers=args.workers, device=args.device, input_size=args.input_size, crop_pct=args.crop_pct,
+                   strict=args.strict, progress=show_progress(args), backend=args.backend, precision=args.precision,
+                   compile_mode=args.compile_mode)
     return {**options, "topk": args.topk} if hasattr(args, "topk") else options
 
 

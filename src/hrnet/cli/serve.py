@@ -25,11 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "  hrnet serve hrnet-w48-ssld --host 0.0.0.0 --max-batch 32 --max-wait-ms 10 --workers 2\n"
                    "  hrnet serve hrnet-w18 --checkpoint w18.int8.onnx      # int8, from 'hrnet quantize'\n"
                    "  hrnet serve hrnet-w18 --backend compile --precision bf16\n"
+                   "  hrnet serve hrnet-w18 --device cuda --precision bf16 --max-batch 64   # fused on the GPU\n"
                    "  curl --data-binary @cat.jpg 'http://127.0.0.1:8000/v1/classify?top_k=3'")
     add_model_args(p)
     p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="inference backend (default onnxruntime, the fastest fp32 on CPU; fused for bf16/fp16; "
-                        "see 'hrnet bench')")
+                   help="inference backend (default onnxruntime, the fastest fp32 on CPU; fused for bf16/fp16 "
+                        "and on a GPU; see 'hrnet bench')")
     add_precision_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=lambda t: integer_arg(t, 0, 65535), default=8000, help="default 8000 (0: any free port)")
@@ -72,7 +73,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ServeError(f"invalid server options: {e}") from None
     if args.workers < 1:
         raise ServeError(f"--workers must be at least 1, got {args.workers}")
-    args.backend = args.backend or default_backend(args.precision)
+    from ..distributed import check_device
+
+    args.device = check_device(args.device)  # in one line here, not in every worker
+    args.backend = args.backend or default_backend(args.precision, args.device)
     build = {"backend": args.backend, "precision": args.precision, "checkpoint": args.checkpoint,
              "device": args.device, "input_size": args.input_size, "crop_pct": args.crop_pct}
     options = {"host": args.host, "port": args.port, "log_level": "warning" if args.quiet else "info",

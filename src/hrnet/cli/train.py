@@ -7,7 +7,7 @@ import sys
 
 from ..training.config import DEFAULT_VAL_FRACTION, RESUMABLE_TEXT, TrainOptions
 from ..training.rundir import EXIT_PREEMPTED
-from ._common import add_output_args, add_parser, print_json
+from ._common import add_device_arg, add_output_args, add_parser, print_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  hrnet train imagenet --data /data/imagenet --set model.name=hrnet-w48 --set output.dir=runs/w48\n"
         "  hrnet recipes finetune > my.yaml && hrnet train my.yaml --data photos/   # an edited copy\n"
         "  hrnet train digits --set schedule.epochs=3 --set output.dir=runs/try\n"
+        "  hrnet train digits --device cuda --set train.amp=bf16 --set train.channels_last=true\n"
         "  hrnet train imagenet --resume                  # newest checkpoint in output.dir\n"
         "  hrnet train imagenet --resume runs/hrnet-w18_in1k/checkpoints/step-00050000.pt\n"
         "  hrnet train digits --set 'optim={lr: 0.5}'     # merged: momentum etc. are kept\n"
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start from these weights (any format hrnet reads) instead of the published ones: "
                         "sets model.checkpoint, turns model.pretrained off, and takes model.name and "
                         "data.input_size from the file (unless --set gives them)")
+    add_device_arg(p)  # the same as --set train.device=DEVICE
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH|auto",
                        help="continue from PATH, or without PATH from the newest checkpoint in output.dir; auto: "
@@ -94,7 +96,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.val_fraction is not None and not args.data:
         raise ConfigError("--val-fraction needs --data DIR (or give --set data.val_fraction=F)")
-    cfg = load_config(args.config, args.overrides)
+    if args.device:
+        from ..distributed import check_device
+
+        check_device(args.device)  # "--device cuda: ...", as the user wrote it
+    overrides = args.overrides + ([f"train.device={args.device}"] if args.device else [])
+    cfg = load_config(args.config, overrides)
     if args.data:
         cfg = with_data(cfg, args.data, args.val_fraction)
     if args.checkpoint:

@@ -37,6 +37,9 @@ class BenchResult:
     peak_rss_mb: float | None  # None where the platform cannot reset the peak (non-Linux)
     setup_s: float  # building the runner: fusing, exporting, compiling, first run
     precision: str = "fp32"
+    device: str = "cpu"
+    peak_gpu_mb: float | None = None  # on a GPU: torch.cuda.max_memory_allocated after the warm-up reset
+    compile_mode: str | None = None  # the compile backend's torch.compile mode, when one was named
 
     @property
     def label(self) -> str:
@@ -53,14 +56,18 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def time_calls(fn: Callable[[], object], iters: int, warmup: int) -> list[float]:
-    """Wall-clock seconds of ``iters`` calls of ``fn`` after ``warmup`` untimed ones."""
+def time_calls(fn: Callable[[], object], iters: int, warmup: int, device: str = "cpu") -> list[float]:
+    """Wall-clock seconds of ``iters`` calls of ``fn`` after ``warmup`` untimed ones. On a GPU each call
+    is timed to the end of its kernels (``torch.cuda.synchronize``), not to their launch."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
@@ -90,10 +97,11 @@ def peak_rss_mb() -> float:
 
 
 def summarize(backend: str, batch_size: int, times: list[float], setup_s: float, rss: float | None,
-              precision: str = "fp32") -> BenchResult:
+              precision: str = "fp32", **extra) -> BenchResult:
+    """``extra``: the device fields of :class:`BenchResult` (device, peak_gpu_mb, compile_mode)."""
     return BenchResult(backend=backend, batch_size=batch_size, images_per_s=batch_size * len(times) / sum(times),
                        latency_ms_p50=1e3 * statistics.median(times), latency_ms_p90=1e3 * percentile(times, 90),
-                       peak_rss_mb=rss, setup_s=setup_s, precision=precision)
+                       peak_rss_mb=rss, setup_s=setup_s, precision=precision, **extra)
 
 
 def check_options(*, batch_size: int, input_size: tuple[int, int], threads: int | None, iters: int,
@@ -115,9 +123,11 @@ def check_options(*, batch_size: int, input_size: tuple[int, int], threads: int 
 
 def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_size: int = 1,
                input_size: tuple[int, int] = (224, 224), threads: int | None = None, iters: int = 20,
-               warmup: int = 3, onnx: str | None = None, precision: str | None = None) -> BenchResult:
-    """Measure one backend at ``precision`` (default fp32) in this process (see :func:`bench` for the
-    fresh-process version).
+               warmup: int = 3, onnx: str | None = None, precision: str | None = None, device: str = "cpu",
+               compile_mode: str | None = None) -> BenchResult:
+    """Measure one backend at ``precision`` (default fp32) on ``device`` in this process (see
+    :func:`bench` for the fresh-process version). On a GPU the batch is already on the device (the
+    model's throughput, not the copy's) and ``peak_gpu_mb`` is the GPU memory after the warm-up.
 
     Without ``checkpoint`` the model keeps its random initialisation: the weights' values do not
     change the amount of work. ``onnx``: serve this exported or quantized file (onnxruntime backend)
@@ -136,17 +146,23 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
         input_size = (clf.transform.input_size,) * 2
     else:
         model = create_model(name, checkpoint=checkpoint).eval()
-        clf = Classifier.build(model, device="cpu", backend=backend, precision=precision, threads=threads,
-                               graph_size=tuple(input_size))
+        clf = Classifier.build(model, device=device, backend=backend, precision=precision, threads=threads,
+                               graph_size=tuple(input_size), compile_mode=compile_mode)
         del model
-    run, precision = clf.runner, clf.precision
+    run, precision, device = clf.runner, clf.precision, clf.device
     del clf  # serve from the runner alone, as a deployment would
-    x = torch.randn(batch_size, 3, *input_size)
+    x = torch.randn(batch_size, 3, *input_size, device=device)
     run(x)
+    gpu = device.startswith("cuda")
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
     setup_s = time.perf_counter() - start
     resettable = reset_peak_rss()
-    times = time_calls(lambda: run(x), iters, warmup)
-    return summarize(backend, batch_size, times, setup_s, peak_rss_mb() if resettable else None, precision)
+    times = time_calls(lambda: run(x), iters, warmup, device)
+    return summarize(backend, batch_size, times, setup_s, peak_rss_mb() if resettable else None, precision,
+                     device=device, compile_mode=compile_mode,
+                     peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None)
 
 
 def bench(name: str, backend: str, **kwargs) -> BenchResult:
@@ -155,12 +171,16 @@ def bench(name: str, backend: str, **kwargs) -> BenchResult:
     For onnxruntime the model is exported here first, so the exporter's own memory (it imports a
     compiler stack) does not count against serving; ``setup_s`` then includes the export. A
     ``checkpoint`` ending in ``.onnx`` is served as it is (``hrnet quantize`` files: int8).
+    ``device`` defaults to cpu here (a benchmark names where it runs); a GPU is checked first.
     """
     options = {k: p.default for k, p in inspect.signature(bench_here).parameters.items()}
     check_options(**{k: kwargs.get(k, options[k]) for k in ("batch_size", "input_size", "threads", "iters", "warmup")})
+    from ..distributed import check_device
     from .ort import is_onnx_file, onnx_info, onnx_metadata
-    from .runners import check_precision
+    from .runners import check_compile_mode, check_precision
 
+    device = kwargs["device"] = check_device(kwargs.get("device") or "cpu")
+    check_compile_mode(kwargs.get("compile_mode"), backend)
     checkpoint = kwargs.get("checkpoint")
     if is_onnx_file(checkpoint):
         if backend != "onnxruntime":
@@ -170,9 +190,10 @@ def bench(name: str, backend: str, **kwargs) -> BenchResult:
     if kwargs.get("onnx") is not None:
         from ..models import resolve
 
+        check_precision("fp32", "onnxruntime", torch.device(device).type)  # a GPU: onnxruntime runs on the CPU
         onnx_info(kwargs["onnx"], onnx_metadata(kwargs["onnx"]), record=resolve(name), precision=kwargs.get("precision"))
     else:
-        check_precision(kwargs.get("precision") or "fp32", backend, "cpu")
+        check_precision(kwargs.get("precision") or "fp32", backend, torch.device(device).type)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         if backend == "onnxruntime" and kwargs.get("onnx") is None:

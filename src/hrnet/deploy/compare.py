@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..data import DatasetError, ImageDataset, ImageList, find_images
+from ..distributed import check_device
 from ..errors import HRNetError
 from .engine import Classifier, build_model
 from .ort import BackendError, is_onnx_file
@@ -83,11 +84,13 @@ def _top(probs: torch.Tensor, labels: list[str], i: int) -> dict:
 
 def compare(model_or_name: nn.Module | str, data: str | os.PathLike, a: str, b: str, *,
             checkpoint: str | os.PathLike | None = None, batch_size: int = 32, workers: int | None = None,
-            input_size: int | None = None, crop_pct: float | None = None, progress: bool = False) -> dict:
+            input_size: int | None = None, crop_pct: float | None = None, progress: bool = False,
+            device: str = "cpu") -> dict:
     """Run specs ``a`` and ``b`` (see :func:`parse_spec`) over the images in ``data`` and compare them.
 
     ``data`` is a folder: class folders (ImageNet wnids, or any names for a model trained on them)
-    add each run's accuracy; otherwise every image below it is used. CPU only. Each run is a
+    add each run's accuracy; otherwise every image below it is used. The PyTorch runs are on ``device``
+    (default cpu; .onnx runs are on the CPU, with onnxruntime). Each run is a
     :class:`~hrnet.deploy.engine.Classifier`; an .onnx run is checked against the model as ``predict``
     checks it, and two .onnx runs load no PyTorch weights. Returns
     ``{"a", "b", "n", "input_size", "top1_agreement", "top5_overlap", "max_prob_diff", "accuracy",
@@ -97,16 +100,17 @@ def compare(model_or_name: nn.Module | str, data: str | os.PathLike, a: str, b: 
     ``{"file", "a", "b"[, "label"]}`` record per image whose top-1 differs.
     """
     specs = {"a": parse_spec(a), "b": parse_spec(b)}
+    device = check_device(device)
     model = None
 
     def torch_model() -> nn.Module:
-        """The PyTorch model on the CPU (the caller's left where it is), built only if a run needs it:
+        """The PyTorch model on ``device`` (the caller's left where it is), built only if a run needs it:
         two .onnx runs load no weights and download nothing."""
         nonlocal model
         if model is None:
             model = build_model(model_or_name, checkpoint, progress=progress)
-            if next(model.parameters()).device.type != "cpu":
-                model = copy.deepcopy(model).cpu()
+            if next(model.parameters()).device != torch.device(device):
+                model = copy.deepcopy(model).to(device)
         return model
 
     runs: dict[str, Classifier] = {}
@@ -118,7 +122,7 @@ def compare(model_or_name: nn.Module | str, data: str | os.PathLike, a: str, b: 
     for key, spec in specs.items():
         if key not in runs:
             try:
-                runs[key] = Classifier.build(torch_model(), device="cpu", input_size=input_size, crop_pct=crop_pct,
+                runs[key] = Classifier.build(torch_model(), device=device, input_size=input_size, crop_pct=crop_pct,
                                              backend=spec.backend, precision=spec.precision)
             except BackendError as e:
                 raise SpecError(f"{spec.text}: {e}") from None

@@ -14,12 +14,13 @@ from torch import nn
 from tqdm import tqdm
 
 from ..builder import create_model
-from ..data import Batch, EvalTransform, ImageList, ImageReadError, class_names, eval_transform, inference_loader
-from ..distributed import default_device
+from ..data import (Batch, EvalTransform, ImageList, ImageReadError, class_names, default_workers, eval_transform,
+                    inference_loader)
+from ..distributed import check_device
 from ..errors import UsageError
 from ..models import resolve
 from .ort import OnnxRuntimeRunner, is_onnx_file, onnx_info
-from .runners import Runner, make_runner
+from .runners import Runner, check_compile_mode, make_runner
 
 PathLike = str | os.PathLike
 LIVE_TENSORS = 4  # stem-sized float32 tensors alive at once in a forward pass (64 channels at half resolution)
@@ -76,6 +77,27 @@ def topk_records(probs: torch.Tensor, labels: list[str], k: int) -> list[list[di
             for srow, irow in zip(scores, idx)]
 
 
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """What a command picks on a device when the user names nothing (``hrnet bench`` prints them)."""
+
+    device: str
+    backend: str  # predict, eval, cam, bench's first row; serve: serving_backend
+    batch_size: int  # eval's --batch-size: a throughput command
+    workers: int  # decoding processes (data.loader.default_workers)
+
+
+def device_defaults(device: str) -> DeviceDefaults:
+    """The settings a user would expect on ``device``. CPU: the eager model (the reference), batch 32,
+    decoding in-process. GPU: the fused model (BN folded, channels_last: the same logits to float
+    rounding, no compile warm-up), batch 256 (a GPU needs large batches to fill; eval refuses a batch
+    the device cannot hold), up to 8 decoding processes. Precision stays fp32 (exact) unless asked:
+    bf16 is the recommended GPU precision (docs/guides/gpu.md)."""
+    if device.startswith("cuda"):
+        return DeviceDefaults(device, "fused", 256, default_workers(device))
+    return DeviceDefaults(device, "eager", 32, default_workers(device))
+
+
 @dataclass
 class Classifier:
     """A model ready for inference: where batches go, how images are prepared, what outputs mean."""
@@ -92,28 +114,37 @@ class Classifier:
     def build(cls, model_or_name: nn.Module | str, *, checkpoint: PathLike | None = None,
               device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
               backend: str | None = None, precision: str | None = None, threads: int | None = None,
-              progress: bool = False, graph_size: tuple[int, int] | None = None) -> Classifier:
+              progress: bool = False, graph_size: tuple[int, int] | None = None,
+              compile_mode: str | None = None) -> Classifier:
         """A model object as is, or a zoo name with ``checkpoint`` (else its published weights, with a
-        download bar if ``progress``), run by ``backend`` (see :data:`hrnet.deploy.BACKENDS`, default
-        eager) at ``precision`` (:data:`hrnet.deploy.PRECISIONS`, default fp32).
+        download bar if ``progress``), on ``device`` (cpu, cuda, cuda:N; default cuda if available;
+        checked first, a one-line DeviceError) run by ``backend`` (see :data:`hrnet.deploy.BACKENDS`,
+        default :func:`device_defaults`'s: eager on CPU, fused on a GPU) at ``precision``
+        (:data:`hrnet.deploy.PRECISIONS`, default fp32); ``compile_mode``: the compile backend's
+        torch.compile mode (:data:`hrnet.deploy.runners.COMPILE_MODES`).
 
         A ``checkpoint`` ending in ``.onnx`` (``hrnet export`` or ``hrnet quantize``) runs with
         onnxruntime on CPU, with the input size, preprocessing and classes its metadata records;
         ``precision`` then checks the file (``int8`` insists on a quantized file). ``threads``: CPU
-        threads for the model (``torch.set_num_threads``, and onnxruntime's sessions). ``graph_size``:
+        threads for the model (``torch.set_num_threads``, and onnxruntime's sessions; not set for a
+        model on a GPU, whose CPU threads only feed it). ``graph_size``:
         the (H, W) the compile backend is warmed up on and the onnxruntime graph exported for
         (default: the crop; ``hrnet bench`` measures other shapes).
         """
-        if threads:
-            torch.set_num_threads(threads)
         if is_onnx_file(checkpoint):
+            if threads:
+                torch.set_num_threads(threads)
             return cls._from_onnx(model_or_name, checkpoint, input_size=input_size, crop_pct=crop_pct,
                                   backend=backend, precision=precision, threads=threads)
-        device = device or default_device()
+        device = check_device(device)  # before a download or a build
+        backend = backend or device_defaults(device).backend
+        check_compile_mode(compile_mode, backend)
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
         model = build_model(model_or_name, checkpoint, progress=progress).to(device).eval()
         transform = eval_transform(model, input_size, crop_pct)
         precision = precision or "fp32"
-        runner = make_runner(model, backend or "eager", precision=precision, threads=threads,
+        runner = make_runner(model, backend, precision=precision, threads=threads, compile_mode=compile_mode,
                              input_size=graph_size or (transform.input_size, transform.input_size))
         return cls(model, device, transform, class_names(model), runner, precision,
                    getattr(model, "class_names", None))

@@ -47,6 +47,10 @@ def export_metadata(model: nn.Module, input_size: tuple[int, int]) -> dict[str, 
 
 
 def _nchw_fused(model: nn.Module) -> nn.Module:
+    """The BN-folded NCHW copy, folded on the CPU: a model on a GPU exports the same file, bit for bit,
+    as the same model on the CPU (folding on the GPU would round the folded weights differently)."""
+    if next(model.parameters()).device.type != "cpu":
+        model = copy.deepcopy(model).cpu()
     return fuse_model(model, channels_last=False).cpu()
 
 

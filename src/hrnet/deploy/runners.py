@@ -33,6 +33,13 @@ exported to ONNX and run by onnxruntime (needs the ``hrnet[onnx]`` extra)."""
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 """fp32: exact; bf16: CPUs with AVX512_BF16/AMX and GPUs; fp16: GPUs; int8: an ``hrnet quantize`` ONNX file."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune")
+"""torch.compile modes of the ``compile`` backend. default: inductor's kernels; reduce-overhead: the same
+replayed as CUDA graphs (one graph per batch shape; pays where launches dominate, at small batches on a
+GPU; on CPU it is the default mode); max-autotune: also benchmarks kernel choices while compiling
+(minutes), with CUDA graphs on a GPU. The default is ``default`` everywhere: which mode wins at which
+batch on a GPU is what ``benchmarks/bench_gpu.py`` measures (docs/guides/gpu.md)."""
 QUANTIZE_HINT = ("int8 runs from a quantized ONNX file: run 'hrnet quantize NAME --calib DIR -o OUT.onnx' and pass "
                  "OUT.onnx as --checkpoint")
 
@@ -63,6 +70,9 @@ def precision_problem(precision: str, backend: str, device: str) -> str | None:
     if precision != "fp32" and backend == "onnxruntime":
         return (f"{precision} is not available with the onnxruntime backend (it runs fp32 models and "
                 f"int8 files); use --backend fused or compile for {precision}")
+    if backend == "onnxruntime" and device != "cpu":
+        return (f"the onnxruntime backend runs on the CPU (its CPU provider), not on {device}; on a GPU use "
+                "--backend eager, fused or compile")
     if precision == "fp16" and device == "cpu":
         return ("fp16 needs a GPU (it is the GPU path; PyTorch's CPU fp16 convolutions are no faster "
                 "than fp32); on CPU use bf16 (AVX512_BF16/AMX) or int8 ('hrnet quantize')")
@@ -79,9 +89,23 @@ def check_precision(precision: str, backend: str, device: str) -> None:
                       "int8 ('hrnet quantize') is the fast path here", PrecisionWarning, stacklevel=3)
 
 
-def serving_backend(precision: str | None) -> str:
-    """The backend to serve with unless one is named: onnxruntime, the fastest fp32 on CPU (and the runner
-    of .onnx files), or ``fused`` for bf16/fp16, which onnxruntime does not run."""
+def check_compile_mode(mode: str | None, backend: str | None) -> None:
+    """A one-line BackendError for an unknown ``mode``, or a mode with a backend that compiles nothing."""
+    if mode is None:
+        return
+    if mode not in COMPILE_MODES:
+        raise BackendError(f"unknown compile mode {mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
+    if backend != "compile":
+        raise BackendError(f"--compile-mode {mode} applies to --backend compile, not {backend or 'eager'}")
+
+
+def serving_backend(precision: str | None, device: str | None = None) -> str:
+    """The backend to serve with unless one is named: on CPU onnxruntime, the fastest fp32 there (and the
+    runner of .onnx files), or ``fused`` for bf16/fp16, which onnxruntime does not run; on a GPU
+    ``fused`` (onnxruntime runs on the CPU only; ``compile`` is the user's choice, see
+    :func:`hrnet.deploy.engine.device_defaults`)."""
+    if device is not None and device.startswith("cuda"):
+        return "fused"
     return "onnxruntime" if precision in (None, "fp32", "int8") else "fused"
 
 
@@ -132,16 +156,29 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _compile(model: nn.Module, input_size: tuple[int, int], wrap: Callable[[Runner], Runner] = lambda r: r) -> Runner:
-    """torch.compile of the fused model (or of ``model`` if it is already folded); ``wrap`` adds a
-    precision around the compiled call, and the warm-up compiles through it."""
+def _owned(run: Runner) -> Runner:
+    """``run`` whose output is a fresh tensor: a CUDA-graph replay writes its outputs into the same memory
+    every time, so logits kept by the caller would change under them at the next call."""
+    def wrapped(x: torch.Tensor) -> torch.Tensor:
+        return run(x).clone()
+    return wrapped
+
+
+def _compile(model: nn.Module, input_size: tuple[int, int], wrap: Callable[[Runner], Runner] = lambda r: r,
+             mode: str = "default") -> Runner:
+    """torch.compile of the fused model (or of ``model`` if it is already folded) in ``mode`` (one of
+    COMPILE_MODES); ``wrap`` adds a precision around the compiled call, and the warm-up compiles
+    through it."""
     fused = _fused(model)
-    # freezing folds the (already BN-folded) weights into constants and lets inductor pick
-    # oneDNN's weight-prepacked convolutions; it only applies under no_grad/inference_mode.
-    compiled = torch.compile(fused, options={"freezing": True}, dynamic=False)
+    # freezing folds the (already BN-folded) weights into constants (oneDNN's weight-prepacked
+    # convolutions on CPU, constant-folded layouts on GPU); it only applies under no_grad/inference_mode.
+    compiled = torch.compile(fused, options={"freezing": True}, dynamic=False,
+                             mode=None if mode == "default" else mode)
     if _device(fused).type == "cpu":  # inductor looks for a CUDA toolkit and warns when it finds none
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     run = wrap(_channels_last(compiled))
+    if mode != "default" and _device(fused).type == "cuda":
+        run = _owned(run)
     run(torch.zeros(1, 3, *input_size, device=_device(fused)))  # compile now, not on the first real batch
     return run
 
@@ -155,7 +192,8 @@ def _onnxruntime(model: nn.Module, input_size: tuple[int, int], threads: int | N
     return runner
 
 
-def _reduced(model: nn.Module, backend: str, dtype: torch.dtype, input_size: tuple[int, int]) -> Runner:
+def _reduced(model: nn.Module, backend: str, dtype: torch.dtype, input_size: tuple[int, int],
+             mode: str = "default") -> Runner:
     """bf16/fp16 runners. ``eager``: autocast over the model as built. CPU ``fused``/``compile``: a
     copy of the fused model with its weights cast to ``dtype`` in channels_last, run without autocast
     (oneDNN's native avx512_core_bf16 convolutions either way; autocast re-casts every weight on every
@@ -166,14 +204,15 @@ def _reduced(model: nn.Module, backend: str, dtype: torch.dtype, input_size: tup
         cast = _cast(model, dtype)
         if backend == "fused":
             return _cast_input(_channels_last(cast), dtype)
-        return _compile(cast, input_size, lambda run: _cast_input(run, dtype))
+        return _compile(cast, input_size, lambda run: _cast_input(run, dtype), mode)
     if backend == "fused":
         return _autocast(_channels_last(_fused(model)), dtype)
-    return _compile(model, input_size, lambda run: _autocast(run, dtype))
+    return _compile(model, input_size, lambda run: _autocast(run, dtype), mode)
 
 
 def make_runner(model: nn.Module, backend: str = "eager", *, precision: str = "fp32",
-                input_size: tuple[int, int] = (224, 224), threads: int | None = None) -> Runner:
+                input_size: tuple[int, int] = (224, 224), threads: int | None = None,
+                compile_mode: str | None = None) -> Runner:
     """A callable mapping a float32 NCHW image batch to float32 logits with ``backend`` (one of
     BACKENDS) at ``precision`` (one of PRECISIONS).
 
@@ -184,16 +223,19 @@ def make_runner(model: nn.Module, backend: str = "eager", *, precision: str = "f
     modified: the optimised backends work on a fused copy. ``bf16``/``fp16`` run the PyTorch
     backends in that dtype (see :func:`check_precision` for what is refused or warned about); int8
     is a quantized file, run by :class:`~hrnet.deploy.ort.OnnxRuntimeRunner`, not a model here.
+    ``compile_mode`` (one of COMPILE_MODES, default ``default``) applies to the compile backend only.
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    check_compile_mode(compile_mode, backend)
+    mode = compile_mode or "default"
     check_precision(precision, backend, next(model.parameters()).device.type)
     if precision != "fp32":
-        return _reduced(model, backend, DTYPES[precision], input_size)
+        return _reduced(model, backend, DTYPES[precision], input_size, mode)
     if backend == "eager":
         return _eager(model)
     if backend == "fused":
         return _channels_last(_fused(model))
     if backend == "compile":
-        return _compile(model, input_size)
+        return _compile(model, input_size, mode=mode)
     return _onnxruntime(model, input_size, threads)

@@ -157,7 +157,7 @@ def predict_to_file(model_or_name: nn.Module | str, inputs: PathLike | Iterable[
                     batch_size: int = 16, workers: int | None = None, device: str | None = None,
                     input_size: int | None = None, crop_pct: float | None = None, strict: bool = False,
                     progress: bool = False, backend: str | None = None, precision: str | None = None,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None, compile_mode: str | None = None) -> dict:
     """Classify ``inputs`` like :func:`~hrnet.inference.predict.predict` (the same model options), streaming
     the records to the JSON-lines file ``output`` as they come, in one process or sharded across a
     torchrun job.
@@ -191,7 +191,8 @@ def predict_to_file(model_or_name: nn.Module | str, inputs: PathLike | Iterable[
         if refused := next(filter(None, all_gather_objects(refused)), None):
             raise LockedError(refused)
         build = dict(checkpoint=checkpoint, device=info.device, input_size=input_size, crop_pct=crop_pct,
-                     backend=backend, precision=precision, threads=threads, progress=progress and info.is_main)
+                     backend=backend, precision=precision, threads=threads, progress=progress and info.is_main,
+                     compile_mode=compile_mode)
         return _predict_locked(model_or_name, build, inputs, output, info, resume=resume, topk=topk,
                                batch_size=batch_size, workers=workers, strict=strict,
                                progress=progress and info.is_main)

@@ -21,7 +21,8 @@ def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLi
              checkpoint: PathLike | None = None, batch_size: int = 32, workers: int | None = None,
              device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
              per_class: bool = False, strict: bool = False, progress: bool = False,
-             backend: str | None = None, precision: str | None = None, exclude_unknown: bool = False) -> dict:
+             backend: str | None = None, precision: str | None = None, exclude_unknown: bool = False,
+             compile_mode: str | None = None) -> dict:
     """Evaluate on ``data`` (ImageNet wnid folders, class folders, or ``ann_file`` lines).
 
     Returns ``{"top1", "top5", "n", "skipped": [{"file", "error"}], "images_per_s"}`` with accuracies in
@@ -35,7 +36,7 @@ def evaluate(model_or_name: nn.Module | str, data: PathLike, *, ann_file: PathLi
     info = init_distributed(device)
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=info.device, input_size=input_size,
                            crop_pct=crop_pct, backend=backend, precision=precision,
-                           progress=progress and info.is_main)
+                           progress=progress and info.is_main, compile_mode=compile_mode)
     num_classes = len(clf.labels)
     # Class folders are labelled by the model's own names where it has them (a subset folder is
     # labelled right, an unknown folder refused); without names their count must be the model's.

@@ -50,7 +50,7 @@ def predict(model_or_name: nn.Module | str, inputs: PathLike | Iterable[PathLike
             checkpoint: PathLike | None = None, batch_size: int = 16, workers: int | None = None,
             device: str | None = None, input_size: int | None = None, crop_pct: float | None = None,
             strict: bool = False, progress: bool = False, backend: str | None = None,
-            precision: str | None = None) -> list[dict]:
+            precision: str | None = None, compile_mode: str | None = None) -> list[dict]:
     """Classify every image in ``inputs`` (files, directories, globs).
 
     Returns one record per file, in input order: ``{"file", "topk": [{"index", "label", "score"}]}``
@@ -62,7 +62,8 @@ def predict(model_or_name: nn.Module | str, inputs: PathLike | Iterable[PathLike
     """
     check_topk(topk)
     clf = Classifier.build(model_or_name, checkpoint=checkpoint, device=device, input_size=input_size,
-                           crop_pct=crop_pct, backend=backend, precision=precision, progress=progress)
+                           crop_pct=crop_pct, backend=backend, precision=precision, progress=progress,
+                           compile_mode=compile_mode)
     files, missing = expand_inputs(inputs, strict)
     records = [r for _, r in clf.predictions(files, topk=topk, batch_size=batch_size, workers=workers,
                                              strict=strict, progress=progress)]

@@ -83,6 +83,7 @@ class TrainOptions:
     seed: int = 0
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
+    compile: bool = False  # torch.compile the training model (the saved weights are the plain model's)
     sync_bn: bool = False
     label_smoothing: float = 0.0
     clip_grad_norm: float | None = None
@@ -272,9 +273,10 @@ def _validate(cfg: Config, source: str) -> None:
 
 # Keys a resumed run may change: none alters what the steps already taken compute. Changes are logged.
 RESUMABLE = ("schedule.epochs", "data.workers", "data.val", "data.val_ann", "data.prepare", "train.device",
-             "train.collective_timeout_s", "output.dir", "output.log_every", "output.checkpoint_every",
+             "train.compile", "train.collective_timeout_s", "output.dir", "output.log_every", "output.checkpoint_every",
              "output.keep_last")
-RESUMABLE_TEXT = "schedule.epochs, data.workers, data.val(_ann), train.device, train.collective_timeout_s and output.*"
+RESUMABLE_TEXT = ("schedule.epochs, data.workers, data.val(_ann), train.device, train.compile, "
+                  "train.collective_timeout_s and output.*")
 
 
 def with_checkpoint(cfg: Config, checkpoint: str | os.PathLike, *, name: str | None = None,

@@ -50,8 +50,9 @@ from ..data import DatasetError, EvalTransform, ImageDataset, collate, default_w
 from ..data.augment import TrainTransform
 from ..data.dataset import read_split, split_per_class
 from ..data.dataset import write_split as save_split
-from ..distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, guard,
-                           init_distributed)
+from ..distributed import (DeviceError, DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object,
+                           guard, init_distributed)
+from ..distributed import check_device as _check_device
 from ..errors import HRNetError
 from ..fileio import atomic_write, display_path
 from ..models import EvalConfig, resolve_arch
@@ -112,22 +113,12 @@ def eval_config(cfg: Config) -> EvalConfig:
 
 
 def check_device(device: str | None) -> None:
-    """Refuse ``train.device`` values this machine cannot run, before anything is built on them."""
-    if device is None:
-        return
+    """Refuse ``train.device`` values this machine cannot run, before anything is built on them (the
+    rule is :func:`hrnet.distributed.check_device`'s; the error is the config's)."""
     try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"train.device={device}: not a device; use cpu, cuda, cuda:1 ... or leave it unset") \
-            from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={device}: no CUDA GPU is available here; set train.device=cpu or leave "
-                              "it unset")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type != "cpu":
-        raise ConfigError(f"train.device={device}: training runs on cpu or cuda")
+        _check_device(device, "train.device")
+    except DeviceError as e:
+        raise ConfigError(str(e)) from None
 
 
 SPLIT_NAME = "split.json"
@@ -294,6 +285,8 @@ class Trainer:
         # what the training step calls: the DDP wrapper in a distributed run, else the model itself
         self.train_model = (DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.dist.distributed else model)
+        if cfg.train.compile:  # the step runs compiled; state, EMA, validation and exports use the plain model
+            self.train_model = torch.compile(self.train_model)
         self.ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         random.seed(cfg.train.seed + self.dist.rank)
         np.random.seed(cfg.train.seed + self.dist.rank)
