@@ -191,3 +191,20 @@ def test_the_site_builds_with_mkdocs_strict(tmp_path):
     cli = (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
     assert all(f"hrnet {name}" in cli for name in subcommands(build_parser()))  # the hook wrote every --help
     assert 'id="hrnet.create_model"' in (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
+
+
+def test_the_architecture_page_maps_every_part_and_module():
+    """The contributors' layer map names every part of ``LAYERS`` in its order, and every module of each
+    package in that package's row, so a module added without a word in the map fails here."""
+    from test_structure import LAYERS, PACKAGE
+
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    rows = dict(re.findall(r"^\| `([\w/]+?)/?` \| (.*) \|$", page, flags=re.M))
+    assert [p for p in rows if p in LAYERS] == LAYERS, "the map's rows are not LAYERS in order"
+    missing = []
+    for part in LAYERS:
+        folder = PACKAGE / part
+        if folder.is_dir():
+            missing += [f"{part}/{m.name}" for m in sorted(folder.glob("*.py"))
+                        if m.name != "__init__.py" and part != "cli" and f"`{m.name}`" not in rows[part]]
+    assert not missing, f"docs/architecture.md does not name: {', '.join(missing)}"

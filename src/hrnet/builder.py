@@ -12,8 +12,10 @@ from torch import nn
 
 from .models import HRNet, HRNetFeatures, resolve_arch
 from .models.hrnet import FeatureLocation, feature_indices
+from .models.imagenet import imagenet_names
 from .models.zoo import MODELS, resolve
 from .weights import eval_config_of, load_weights, local_path
+from .weights.hrnet_format import class_names_of
 
 
 def list_models() -> list[str]:
@@ -47,6 +49,8 @@ def create_model(
     evaluation settings stored in it (a fine-tuned hrnet file knows its input size).
     ``num_classes`` replaces the classifier (pretrained weights then load all but the classifier);
     without it, a ``checkpoint``'s own class count is used. ``progress`` shows a download bar.
+    ``model.class_names`` names the outputs: the ``checkpoint``'s names when its classifier is loaded,
+    ImageNet's for a zoo model's 1000 classes, else None (a new head's classes have no names yet).
 
     ``features_only=True`` returns a list of maps (see :class:`~hrnet.models.HRNetFeatures`):
     ``feature_location="incre"`` the head's maps, ``""`` the raw branches (``out_indices`` in 0..4,
@@ -76,10 +80,15 @@ def create_model(
     if record is not None:
         model.pretrained_cfg = record
         model.eval_cfg = record.eval
+        if not features_only and model.num_classes == record.num_classes == len(imagenet_names()):
+            model.class_names = imagenet_names()
     if source is not None:
         # A checkpoint of another class count (a fine-tuned model) brings its classifier along unless
         # num_classes was asked for; the published weights are the record's 1000 classes.
         metadata = load_weights(model, source, progress=progress,
                                 fit_classifier=checkpoint is not None and num_classes is None)
         model.eval_cfg = eval_config_of(metadata, source) or model.eval_cfg
+        names = class_names_of(metadata, source) if checkpoint is not None and not features_only else None
+        if names is not None:  # the file's names name its classifier: kept with it, gone with a new head
+            model.class_names = names if len(names) == model.num_classes else None
     return model

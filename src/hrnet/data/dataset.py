@@ -4,7 +4,9 @@ Three layouts (:class:`ImageDataset` tells the first two apart by the folder nam
 
 - ImageNet: one folder per WordNet id; the label is the wnid's index among all 1000 sorted wnids,
   so a folder holding only some classes is still labelled right;
-- any class-per-folder tree: the classes are the sorted folder names;
+- any class-per-folder tree: the classes are the sorted folder names, or, given the model's class
+  names (``class_names=``), each folder is labelled by its name's index among them, so a folder
+  holding 7 of a model's 10 classes is labelled right and a name the model does not know is refused;
 - a folder plus an annotation file of ``relative/path label`` lines (the mmcls format).
 
 An item is :class:`Sample` ``(image, label, index)``, or :class:`Failed` ``(index, file, error)`` when
@@ -17,19 +19,21 @@ files that are not regular files, too large, or hold a label of :data:`MAX_CLASS
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import HRNetError
-from ..fileio import display_path, open_regular
+from ..fileio import atomic_write, display_path, open_regular
 from .decode import ImageReadError, load_image
-from .imagenet import imagenet_wnids
+from .imagenet import imagenet_names, imagenet_wnids
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                               ".pgm", ".pbm", ".pnm", ".jfif", ".jpe", ".ico"})
@@ -40,6 +44,7 @@ MAX_CLASSES = 1_000_000
 MAX_ANN_BYTES = 1 << 30
 MAX_ANN_LINES = 20_000_000
 MAX_ANN_LINE = 8192  # bytes: a path (PATH_MAX is 4096) and a label
+MAX_SPLIT_BYTES = 1 << 30  # a split file (RUN_DIR/split.json): ImageNet's 1.28M relative paths are ~40 MB
 _LABEL = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also accepts '²', which int() rejects
 
 
@@ -176,10 +181,17 @@ class ImageDataset(Dataset):
     since treating it as class folders would shift every label; ``exclude_unknown=True`` evaluates the
     wnid folders and lists the others in :attr:`excluded`. Symlinks are followed, each real folder and
     each real file is counted once.
+
+    ``class_names`` (a model's, in output order) labels class folders by name: :attr:`classes` is then
+    that list, and a folder whose name is not in it is refused, naming it (an ImageNet wnid tree and a
+    1000-name list keep the wnid order). Without names, ``num_classes`` (the model's output count)
+    refuses a folder count that differs from it: folders numbered 0..6 for a 10-class model would be
+    mislabelled silently.
     """
 
     def __init__(self, root: str | os.PathLike, *, ann_file: str | os.PathLike | None = None,
-                 transform: Callable | None = None, strict: bool = False, exclude_unknown: bool = False):
+                 transform: Callable | None = None, strict: bool = False, exclude_unknown: bool = False,
+                 class_names: Sequence[str] | None = None, num_classes: int | None = None):
         self.root, self.transform, self.strict = Path(root), transform, strict
         self.excluded: list[str] = []
         name = display_path(self.root)
@@ -203,11 +215,28 @@ class ImageDataset(Dataset):
             raise DatasetError(f"{name}: {len(known)} folders are ImageNet wnids and {len(odd)} are not: {shown}; "
                                "move them away or exclude them (hrnet eval --exclude-unknown, "
                                "ImageDataset(exclude_unknown=True))")
-        if known and (not odd or exclude_unknown):
+        imagenet = bool(known) and (not odd or exclude_unknown)
+        if class_names is not None and not (imagenet and len(class_names) == len(wnids)):
+            names = [str(c) for c in class_names]
+            unknown = [f for f in folders if f not in set(names)]
+            if unknown:
+                shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+                raise DatasetError(f"{name}: folder '{display_path(unknown[0])}' is not one of the model's "
+                                   f"{len(names)} classes ({shown})"
+                                   + (f"; {len(unknown) - 1} other folders neither" if len(unknown) > 1 else ""))
+            self.classes, self.layout = names, "folders"
+        elif imagenet:
             self.classes, self.layout, self.excluded = list(wnids), "imagenet", odd
         else:
+            if num_classes is not None and len(folders) != num_classes:
+                raise DatasetError(f"{name}: {len(folders)} class folders, but the model has {num_classes} classes "
+                                   "and no class names to match folders by: give it one folder per class (all "
+                                   f"{num_classes}, sorted as its outputs), or weights with class names (hrnet "
+                                   "train writes them)")
             self.classes, self.layout = folders, "folders"
-        index = {c: i for i, c in enumerate(self.classes)}
+        index: dict[str, int] = {}
+        for i, c in enumerate(self.classes):
+            index.setdefault(c, i)
         tops = [str(self.root / c) for c in folders]
         visited = {_dir_key(p) for p in [str(self.root), *tops]}  # a link into another class is not followed
         found = ((*entry, index[c]) for c, top in zip(folders, tops) if c in index
@@ -217,11 +246,101 @@ class ImageDataset(Dataset):
             raise DatasetError(f"{name}: no images in class folders (expected ROOT/CLASS/IMAGE; "
                                "or pass an annotation file)")
 
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """What a model trained on this set calls its classes: the folder names, ImageNet's names for a
+        wnid tree, None for annotation files (their labels are bare numbers)."""
+        if self.layout == "annotations":
+            return None
+        return tuple(imagenet_names()) if self.layout == "imagenet" else tuple(self.classes)
+
+    def relative(self, path: str) -> str:
+        """``path`` (a sample's) relative to the root, with ``/``: how a split file names it."""
+        return Path(os.path.relpath(path, self.root)).as_posix()
+
+    def select(self, files: Iterable[str], *, transform: Callable | None = None, source: str = "split") -> ImageDataset:
+        """A copy holding only ``files`` (paths relative to the root, as :meth:`relative` gives them), in
+        this set's order, with ``transform``. A file that is not among the samples is a :class:`DatasetError`."""
+        by_name = {self.relative(p): (p, label) for p, label in self.samples}
+        wanted = set(files)
+        missing = sorted(wanted - by_name.keys())
+        if missing:
+            raise DatasetError(f"{source}: lists {display_path(missing[0])!r}, which is not an image of "
+                               f"{display_path(self.root)} (any more); start a new run, or restore the file")
+        out = object.__new__(ImageDataset)
+        out.__dict__.update(self.__dict__)
+        out.transform = transform
+        out.samples = [s for s in self.samples if self.relative(s[0]) in wanted]
+        return out
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Sample | Failed:
         return decode_sample(self.samples[index][0], self.samples[index][1], index, self.transform, self.strict)
+
+
+def split_per_class(dataset: ImageDataset, fraction: float, seed: int) -> dict[str, Any]:
+    """Hold out ``fraction`` of each class of ``dataset``, reproducibly: the split record
+    ``{"root", "seed", "val_fraction", "classes", "train": [...], "val": [...]}`` with paths relative to
+    the root (a function of the sorted file names and ``seed`` only).
+
+    Each class gives ``round(n x fraction)`` images to ``val``, but at least one when it has two or more
+    and never its last one, so every class is both trained on and validated where it can be.
+    """
+    by_class: dict[int, list[str]] = {}
+    for path, label in dataset.samples:
+        by_class.setdefault(label, []).append(dataset.relative(path))
+    train: list[str] = []
+    val: list[str] = []
+    for label, files in sorted(by_class.items()):
+        files.sort()
+        n = len(files)
+        n_val = min(max(round(n * fraction), 1 if n >= 2 and fraction > 0 else 0), n - 1)
+        order = np.random.default_rng([seed, label]).permutation(n)
+        held = set(order[:n_val].tolist())
+        val += [f for i, f in enumerate(files) if i in held]
+        train += [f for i, f in enumerate(files) if i not in held]
+    return {"root": str(dataset.root.resolve()), "seed": seed, "val_fraction": fraction,
+            "classes": list(dataset.classes), "train": sorted(train), "val": sorted(val)}
+
+
+def write_split(split: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a split record (:func:`split_per_class`) as JSON, atomically."""
+    text = json.dumps(split, indent=1) + "\n"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def read_split(path: str | os.PathLike) -> dict[str, Any]:
+    """A split record written by :func:`write_split`, checked for shape and bounded in size."""
+    name = display_path(path)
+    with open_regular(Path(path), DatasetError) as f:
+        if os.fstat(f.fileno()).st_size > MAX_SPLIT_BYTES:
+            raise DatasetError(f"{name}: larger than a split file can be ({MAX_SPLIT_BYTES >> 20} MB)")
+        try:
+            split = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise DatasetError(f"{name}: not a split file ({type(e).__name__})") from None
+    ok = isinstance(split, dict) and all(isinstance(split.get(k), list) and all(isinstance(f, str) for f in split[k])
+                                         for k in ("train", "val", "classes"))
+    if not ok:
+        raise DatasetError(f"{name}: not a split file (expected lists 'train', 'val' and 'classes' of strings)")
+    return split
+
+
+def load_split(path: str | os.PathLike, part: str = "val", *, root: str | os.PathLike | None = None,
+               transform: Callable | None = None, class_names: Sequence[str] | None = None) -> ImageDataset:
+    """The ``part`` (``"train"`` or ``"val"``) of the split file ``path`` (``RUN_DIR/split.json``) as a
+    dataset under ``root`` (default: the root the split names), labelled by ``class_names`` (default:
+    the split's classes): what ``hrnet eval`` of a run's held-out images reads."""
+    split = read_split(path)
+    if part not in ("train", "val"):
+        raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+    folder = root if root is not None else split.get("root")
+    if not isinstance(folder, (str, os.PathLike)):
+        raise DatasetError(f"{display_path(path)}: names no data folder; pass root=")
+    names = list(class_names) if class_names is not None else split["classes"]
+    return ImageDataset(folder, class_names=names).select(split[part], transform=transform, source=display_path(path))
 
 
 class ImageList(Dataset):

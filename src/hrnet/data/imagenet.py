@@ -1,32 +1,28 @@
-"""The 1000 ImageNet-1k classes: WordNet ids in index order and their human-readable names.
-
-Shipped as package data (``imagenet_classes.txt``, from timm's ``imagenet_synsets.txt`` and
-``imagenet_synset_to_lemma.txt``) so no private module of another package is imported at run time.
-"""
+"""Names for a classifier's outputs; the ImageNet-1k table itself lives with the zoo models
+(:mod:`hrnet.models.imagenet`) and is re-exported here."""
 
 from __future__ import annotations
 
-from functools import cache
-from importlib.resources import files
+from collections.abc import Sequence
+from typing import Any
+
+from ..models.imagenet import imagenet_names, imagenet_wnids
+
+__all__ = ["class_names", "imagenet_names", "imagenet_wnids"]
 
 
-@cache
-def _table() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    lines = files(__package__).joinpath("imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
-    wnids, names = zip(*(line.split("\t", 1) for line in lines))
-    return wnids, names
+def class_names(model: Any, names: Sequence[str] | None = None) -> list[str]:
+    """The name of each of a classifier's outputs, index by index: THE rule every output uses.
 
-
-def imagenet_wnids() -> tuple[str, ...]:
-    """The 1000 WordNet ids, sorted: the position of a wnid is its class index."""
-    return _table()[0]
-
-
-def imagenet_names() -> tuple[str, ...]:
-    """The human-readable name of each class index, e.g. ``'tench, Tinca tinca'`` for 0."""
-    return _table()[1]
-
-
-def class_names(num_classes: int) -> list[str]:
-    """Names for a classifier's outputs: the ImageNet names for 1000 classes, the index otherwise."""
-    return list(imagenet_names()) if num_classes == 1000 else [str(i) for i in range(num_classes)]
+    ``model`` is a model (anything with ``num_classes`` and, optionally, ``class_names``) or a class
+    count. In order: ``names`` if given, the model's own ``class_names`` if it has them, the ImageNet
+    names for 1000 classes, else the indices ``"0"``, ``"1"``... Given names must be one per class.
+    """
+    count = model if isinstance(model, int) else int(model.num_classes)
+    if names is None and not isinstance(model, int):
+        names = getattr(model, "class_names", None)
+    if names is not None:
+        if len(names) != count:
+            raise ValueError(f"{len(names)} class names for {count} classes")
+        return list(names)
+    return list(imagenet_names()) if count == 1000 else [str(i) for i in range(count)]

@@ -270,10 +270,15 @@ def make_incre(arch: Arch) -> nn.ModuleList:
 class HRNet(HRNetTrunk):
     """HRNet-C, the classifier: the trunk, then the "incre" head (as mmpretrain's ``HRFuseScales``
     neck): each branch widened by a Bottleneck, summed from high to low resolution through stride-2
-    convs, a 1x1 conv to ``num_features``, global average pooling and a Linear classifier."""
+    convs, a 1x1 conv to ``num_features``, global average pooling and a Linear classifier.
+
+    ``class_names`` names the classifier's outputs, index by index (folder names of the data it was
+    trained on, ImageNet's for the zoo), or is None where no names are known; it travels with the
+    weights (:func:`~hrnet.save_checkpoint`, ``create_model(checkpoint=...)``)."""
 
     def __init__(self, arch: Arch, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0):
         super().__init__(arch, in_chans)
+        self.class_names: tuple[str, ...] | None = None
         incre = arch.incre_channels
         self.incre_modules = make_incre(arch)
         self.downsamp_modules = nn.ModuleList(conv_bn(incre[i], incre[i + 1], stride=2) for i in range(len(incre) - 1))
@@ -307,8 +312,12 @@ class HRNet(HRNetTrunk):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the Linear layer (``num_classes=0`` leaves the pooled features as output)."""
+    def reset_classifier(self, num_classes: int, class_names: Sequence[str] | None = None) -> None:
+        """Replace the Linear layer (``num_classes=0`` leaves the pooled features as output). A new head
+        has new classes: ``class_names`` (one per class) names them, else none are known (None)."""
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.class_names = tuple(class_names) if class_names is not None else None
         self.num_classes = num_classes
         ref = self.final_layer[0].weight
         self.classifier = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)

@@ -17,12 +17,15 @@ import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from ..errors import HRNetError
+from ..fileio import display_path
 from . import yamlsafe
+from .recipes import resolve_recipe
 
 
 class ConfigError(HRNetError):
@@ -48,12 +51,15 @@ class DataConfig:
     train_ann: str | None = None  # "relative/path label" lines (mmcls format)
     val: str | None = None
     val_ann: str | None = None
+    # without data.val: the fraction of each class of data.train held out for validation (0: none), split
+    # reproducibly by train.seed and written to RUN_DIR/split.json, which a resumed run reads back
+    val_fraction: float = 0.0
     prepare: str | None = None  # the command that writes data.train/data.val, named when they are missing
     input_size: int = 224
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
     hflip: bool = True
     batch_size: int = 32  # per process; the global batch is batch_size x world size
-    workers: int = 4
+    workers: int | Literal["auto"] = "auto"  # loader processes; auto: hrnet.data.default_workers
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     data: Any = {}
     source = "config"
     if path is not None:
+        path = resolve_recipe(path)  # a packaged recipe's name, or a file
         source = str(path)
         data = yamlsafe.read_yaml(path, ConfigError)
         if data is None:
@@ -233,7 +240,9 @@ def _validate(cfg: Config, source: str) -> None:
                                                       "number of class folders)"),
         (0 <= m.drop_rate < 1, "model.drop_rate must be in [0, 1)"),
         (d.batch_size >= 1, "data.batch_size must be at least 1"),
-        (d.workers >= 0, "data.workers must be 0 (load in the training process) or more"),
+        (d.workers == "auto" or d.workers >= 0,
+         "data.workers must be auto, 0 (load in the training process) or more"),
+        (0 <= d.val_fraction < 1, "data.val_fraction must be in [0, 1) (0: no validation split)"),
         (32 <= d.input_size <= 4096 and d.input_size % 32 == 0,
          "data.input_size must be a multiple of 32 (HRNet's total stride) from 32 to 4096"),
         (0 < d.crop_scale[0] <= d.crop_scale[1] <= 1, "data.crop_scale must be 0 < min <= max <= 1"),
@@ -268,11 +277,43 @@ RESUMABLE = ("schedule.epochs", "data.workers", "data.val", "data.val_ann", "dat
 RESUMABLE_TEXT = "schedule.epochs, data.workers, data.val(_ann), train.device, train.collective_timeout_s and output.*"
 
 
-def with_checkpoint(cfg: Config, checkpoint: str | os.PathLike) -> Config:
+def with_checkpoint(cfg: Config, checkpoint: str | os.PathLike, *, name: str | None = None,
+                    input_size: int | None = None) -> Config:
     """``cfg`` starting from the weights file ``checkpoint`` instead of the published weights
-    (``hrnet train --checkpoint``): sets ``model.checkpoint`` and clears ``model.pretrained``."""
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, checkpoint=os.fspath(checkpoint),
-                                                              pretrained=False))
+    (``hrnet train --checkpoint``): sets ``model.checkpoint`` and clears ``model.pretrained``; ``name``
+    and ``input_size`` (what the file says, see :func:`hrnet.training.train.checkpoint_facts`) replace
+    ``model.name`` and ``data.input_size``."""
+    model = dataclasses.replace(cfg.model, checkpoint=os.fspath(checkpoint), pretrained=False,
+                                **({"name": name} if name else {}))
+    data = dataclasses.replace(cfg.data, **({"input_size": input_size} if input_size else {}))
+    out = dataclasses.replace(cfg, model=model, data=data)
+    _validate(out, f"--checkpoint {checkpoint}")
+    return out
+
+
+#: ``--data DIR`` of a single folder of class folders holds out this much of each class by default.
+DEFAULT_VAL_FRACTION = 0.15
+
+
+def with_data(cfg: Config, folder: str | os.PathLike, val_fraction: float | None = None) -> Config:
+    """``cfg`` training on ``folder`` (``hrnet train --data``): ``DIR/train`` (and ``DIR/val`` if there),
+    else ``DIR`` itself, a folder of class folders. Without a val folder, ``val_fraction`` (default: the
+    recipe's ``data.val_fraction``, else :data:`DEFAULT_VAL_FRACTION`) of each class is held out."""
+    root = Path(folder)
+    where = f"--data {display_path(root)}"
+    if not root.is_dir():
+        raise ConfigError(f"{where}: folder not found (a folder of class folders, or one with train/ and val/)")
+    train, val = (root / "train", root / "val") if (root / "train").is_dir() else (root, None)
+    if val is not None and not val.is_dir():
+        val = None
+    if val is not None and val_fraction is not None:
+        raise ConfigError(f"{where}: has a val/ folder, so nothing is split off; drop --val-fraction or the val/ folder")
+    fraction = val_fraction if val_fraction is not None else (cfg.data.val_fraction or DEFAULT_VAL_FRACTION)
+    data = dataclasses.replace(cfg.data, train=str(train), val=str(val) if val else None, train_ann=None,
+                               val_ann=None, prepare=None, val_fraction=0.0 if val else fraction)
+    out = dataclasses.replace(cfg, data=data)
+    _validate(out, where)
+    return out
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ..fileio import exclusive_lock, open_regular
 LOCK_NAME = ".lock"
 # hrnet train's exit code after a SIGTERM/SIGUSR1 stop with a checkpoint written (EX_TEMPFAIL: run it again)
 EXIT_PREEMPTED = 75
-RUN_FILES = ("config.yaml", "log.jsonl", "checkpoints", "best.safetensors")
+RUN_FILES = ("config.yaml", "log.jsonl", "checkpoints", "best.safetensors", "split.json")
 
 
 class RunDirError(HRNetError):

@@ -46,14 +46,18 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..builder import create_model
-from ..data import DatasetError, EvalTransform, ImageDataset, collate, shard
+from ..data import DatasetError, EvalTransform, ImageDataset, collate, default_workers, shard
 from ..data.augment import TrainTransform
+from ..data.dataset import read_split, split_per_class
+from ..data.dataset import write_split as save_split
 from ..distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, guard,
                            init_distributed)
 from ..errors import HRNetError
-from ..fileio import atomic_write
-from ..models import EvalConfig, resolve
-from ..weights import save_checkpoint
+from ..fileio import atomic_write, display_path
+from ..models import EvalConfig, resolve, resolve_arch
+from ..weights import eval_config_of, local_path, save_checkpoint
+from ..weights.layouts import infer_arch
+from ..weights.loading import read_state_dict
 from .config import RESUMABLE, RESUMABLE_TEXT, Config, ConfigError, flatten
 from .optim import EMA, build_optimizer, build_scheduler, scaled_lr
 from .rundir import EXIT_PREEMPTED, claim_run_dir, read_jsonl, writing  # noqa: F401 (EXIT_PREEMPTED: API)
@@ -83,6 +87,8 @@ class TrainResult:
     last_metric: float | None = None  # the same metric after the last epoch
     log: Path | None = None  # the run's log.jsonl
     stopped_by: str | None = None  # "SIGTERM"/"SIGUSR1": stopped early with a checkpoint, to be resumed
+    start: str = "random"  # the initial weights: "random" (from scratch), "pretrained" or the checkpoint's path
+    class_names: tuple[str, ...] | None = None  # the model's classes, as every written checkpoint records them
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -99,7 +105,8 @@ def restart_count() -> int:
 def eval_config(cfg: Config) -> EvalConfig:
     """How the trained model is evaluated: its zoo record's pipeline at ``data.input_size`` (the resize
     scaled by the same crop fraction). ``best.safetensors`` carries it, so ``hrnet eval`` uses it."""
-    base = resolve(cfg.model.name).eval
+    record = resolve_arch(cfg.model.name)[1]
+    base = record.eval if record is not None else EvalConfig()
     size = cfg.data.input_size
     return dataclasses.replace(base, input_size=size, resize_size=math.floor(size / base.crop_pct))
 
@@ -123,23 +130,102 @@ def check_device(device: str | None) -> None:
         raise ConfigError(f"train.device={device}: training runs on cpu or cuda")
 
 
-def build_datasets(cfg: Config) -> tuple[Dataset, Dataset | None]:
+SPLIT_NAME = "split.json"
+
+
+def checkpoint_facts(checkpoint: str | os.PathLike) -> tuple[str, int | None]:
+    """(model name, input size) of a weights file, for ``hrnet train --checkpoint``: the zoo model or
+    architecture it names (hrnet's format), else the architecture its tensors fit; the input size
+    its evaluation settings give (None when it has none)."""
+    path = local_path(checkpoint)
+    sd, metadata, layout = read_state_dict(path)
+    name = metadata.get("model") or metadata.get("arch")
+    try:
+        if name:
+            resolve_arch(name)
+    except HRNetError:
+        name = metadata.get("arch")
+    if not name:
+        found = infer_arch(sd, layout)
+        if found is None:
+            raise ConfigError(f"{checkpoint}: cannot tell which HRNet these weights are; name it with "
+                              "--set model.name=NAME (hrnet list)")
+        name = found[0].name
+    evaluation = eval_config_of(metadata, path)
+    return name, evaluation.input_size if evaluation else None
+
+
+def build_datasets(cfg: Config, run_dir: Path | None = None, *, write_split: bool = True
+                   ) -> tuple[Dataset, Dataset | None]:
     """The training set with the recipe's augmentation and the validation set with the model's
-    evaluation transform (:func:`eval_config`)."""
+    evaluation transform (:func:`eval_config`). The validation folder is labelled by the training
+    set's class names, so it may hold a subset of the classes and may not hold others.
+
+    Without ``data.val`` and with ``data.val_fraction`` > 0, each class of ``data.train`` is split
+    (:func:`hrnet.data.dataset.split_per_class`) into ``run_dir/split.json``; when that file is
+    already there (only a resumed run's directory holds one), its split is reused as it is."""
     if not cfg.data.train:
-        raise ConfigError("config: data.train is not set (a folder of images)")
+        raise ConfigError("config: data.train is not set: pass --data DIR (a folder of class folders, or one with "
+                          "train/ and val/) or --set data.train=DIR")
     for folder in (cfg.data.train, cfg.data.val):
         if folder and cfg.data.prepare and not Path(folder).is_dir():
             raise DatasetError(f"{folder}: data folder not found; run `{cfg.data.prepare}` first")
     evaluation = eval_config(cfg)
     train_tf = TrainTransform(cfg.data.input_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
                               mean=evaluation.mean, std=evaluation.std)
+    val_tf = EvalTransform.from_config(evaluation)
     train_set = ImageDataset(cfg.data.train, ann_file=cfg.data.train_ann, transform=train_tf)
     val_set = None
     if cfg.data.val:
-        val_tf = EvalTransform.from_config(evaluation)
-        val_set = ImageDataset(cfg.data.val, ann_file=cfg.data.val_ann, transform=val_tf)
+        names = train_set.classes if train_set.layout == "folders" else None
+        val_set = ImageDataset(cfg.data.val, ann_file=cfg.data.val_ann, transform=val_tf, class_names=names)
+    elif cfg.data.val_fraction > 0:
+        path = Path(run_dir if run_dir is not None else cfg.output.dir) / SPLIT_NAME
+        if path.exists():
+            split = read_split(path)
+        else:
+            split = split_per_class(train_set, cfg.data.val_fraction, cfg.train.seed)
+            if write_split:
+                with writing(path):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    save_split(split, path)
+        if split.get("classes") != train_set.classes:
+            raise DatasetError(f"{path}: was split over the classes {split.get('classes')!r:.120}, {cfg.data.train} "
+                               f"now has {train_set.classes!r:.120}; start a new run")
+        source = display_path(path)
+        train_set, val_set = (train_set.select(split["train"], transform=train_tf, source=source),
+                              train_set.select(split["val"], transform=val_tf, source=source))
+        if not len(val_set):
+            val_set = None
     return train_set, val_set
+
+
+def fit_head(model: nn.Module, names: tuple[str, ...] | None, num_classes: int, source: str) -> str | None:
+    """Give ``model`` (weights loaded from ``source``) a classifier for the data's ``num_classes``
+    classes called ``names``; return the one line saying what happened to its head (None: kept as is).
+
+    A head whose class names include every one of the data's is kept, its rows reordered (or chosen)
+    to the data's class order, mapped by name; a head of another size, or of other names, is replaced
+    by a fresh one. A head of the right size without names is kept in its order."""
+    head = model.classifier
+    had = head.out_features if isinstance(head, nn.Linear) else 0
+    old = tuple(getattr(model, "class_names", None) or ())
+    if names and old and set(names) <= set(old):
+        rows = [old.index(c) for c in names]
+        if rows == list(range(had)):
+            return None
+        weight, bias = head.weight.detach()[rows].clone(), head.bias.detach()[rows].clone()
+        model.reset_classifier(len(rows))
+        with torch.no_grad():
+            model.classifier.weight.copy_(weight)
+            model.classifier.bias.copy_(bias)
+        return (f"hrnet: {source}: kept its head for the data's {len(rows)} classes, matched by name "
+                f"(of its {had})")
+    if had == num_classes and not (names and old):
+        return None
+    model.reset_classifier(num_classes)
+    why = f"its {had}-class head" if had != num_classes else "its head (other class names)"
+    return f"hrnet: {source}: {why} replaced by a new {num_classes}-class head for the data's classes"
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -175,7 +261,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         if train_set is None:
-            train_set, val_set = build_datasets(cfg)
+            train_set, val_set = build_datasets(cfg, write_split=self.dist.is_main)
         self.train_set, self.val_set = train_set, val_set
         self.num_classes = cfg.model.num_classes or len(train_set.classes)  # type: ignore[attr-defined]
         for key, data in (("data.train", train_set), ("data.val", val_set)):
@@ -188,8 +274,16 @@ class Trainer:
         self.log_path = self.run_dir / "log.jsonl"
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint,
-                             num_classes=self.num_classes, drop_rate=cfg.model.drop_rate)
+        names = getattr(train_set, "class_names", None)
+        names = tuple(names) if names and len(names) == self.num_classes else None
+        m = cfg.model
+        model = create_model(m.name, pretrained=m.pretrained, checkpoint=m.checkpoint, drop_rate=m.drop_rate,
+                             num_classes=None if m.pretrained or m.checkpoint else self.num_classes)
+        source = m.checkpoint or (f"{m.name}'s published weights" if m.pretrained else None)
+        # what fit() says before the first step: a replaced head, or that the weights are random
+        self.start_note = fit_head(model, names, self.num_classes, source) if source else \
+            f"hrnet: {m.name} starts from random weights (no model.pretrained, no --checkpoint): training from scratch"
+        model.class_names = names  # every checkpoint written from here on carries them
         model.eval_cfg = eval_config(cfg)  # what best.safetensors will say about evaluating it
         if cfg.train.sync_bn and self.dist.distributed:
             model = convert_sync_batchnorm(model, self.device)
@@ -248,6 +342,7 @@ class Trainer:
             "global_batch": self.global_batch,
             "rng": all_gather_objects(rng_state()),
             "config": self.cfg.to_dict(),
+            "class_names": list(self.model.class_names) if getattr(self.model, "class_names", None) else None,
         }
 
     def _check_finite(self, tensors: dict[str, Any], path: Path) -> None:
@@ -369,6 +464,9 @@ class Trainer:
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         workers = self.cfg.data.workers
+        if workers == "auto":
+            local = os.environ.get("LOCAL_WORLD_SIZE", "1") if self.dist.distributed else "1"
+            workers = default_workers(self.device.type, int(local) if local.isdigit() else 1)
         return DataLoader(dataset, collate_fn=collate, num_workers=workers, pin_memory=self.device.type == "cuda",
                           generator=torch.Generator(), persistent_workers=False,
                           multiprocessing_context="spawn" if workers and self.dist.distributed else None, **kwargs)
@@ -382,6 +480,8 @@ class Trainer:
         seeded = EpochSeeded(self.train_set, cfg.train.seed)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=self.quiet or not self.dist.is_main or not sys.stderr.isatty())
+        if self.step == 0 and self.start_note and self.dist.is_main and not self.quiet:
+            tqdm.write(self.start_note, file=sys.stderr)
         previous = self._catch_signals()
         try:
             while self.epoch < cfg.schedule.epochs and not self.stopped_by:
@@ -397,8 +497,11 @@ class Trainer:
                 signal.signal(sig, handler)
             bar.close()
         best = self.run_dir / "best.safetensors"
+        m = self.cfg.model
+        start = m.checkpoint or ("pretrained" if m.pretrained else "random")
         return TrainResult(self.run_dir, self.step, self.best_metric, best if best.exists() else None,
-                           self.last_metric, self.log_path, self.stopped_by)
+                           self.last_metric, self.log_path, self.stopped_by, start,
+                           tuple(self.model.class_names) if self.model.class_names else None)
 
     def _catch_signals(self) -> dict:
         """SIGTERM/SIGUSR1: note it, so the ranks stop together after the step in flight (a second one

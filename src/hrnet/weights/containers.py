@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 import pickle
 import re
@@ -68,6 +69,40 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(
                 f"{self.path}: refused: the pickle asks for {module}.{name}, but a plain-pickle checkpoint "
                 "(PaddlePaddle .pdparams) may only hold numpy arrays; nothing in it was executed") from None
+
+
+class _NumpyOnlyPickler(pickle._Pickler):
+    """The writer's side of :class:`_NumpyOnlyUnpickler`: it pickles numpy arrays, strings, numbers and plain
+    containers, and refuses any other global before writing it. numpy's array rebuild function is written
+    under its numpy 1.x name (``numpy.core.multiarray``), which numpy 2 still reads, so Paddle environments
+    pinned to numpy 1.x load the file too."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if obj is _RECONSTRUCT:
+            self.save("numpy.core.multiarray")
+            self.save("_reconstruct")
+            self.write(pickle.STACK_GLOBAL)
+            self.memoize(obj)
+        elif obj in (np.ndarray, np.dtype):
+            super().save_global(obj, name)
+        else:
+            raise pickle.PicklingError(f"refused to pickle {obj!r}: a .pdparams file holds numpy arrays only")
+
+
+def numpy_pickle(content: dict[str, np.ndarray], path: str | os.PathLike) -> bytes:
+    """``content`` (string keys, numeric numpy arrays) as a protocol-4 pickle, as ``paddle.save`` writes a
+    state dict; read back through :class:`_NumpyOnlyUnpickler`, so what hrnet writes hrnet also admits."""
+    for key, value in content.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray) or value.dtype.kind not in "fiub":
+            raise TypeError(f"{path}: a .pdparams file holds numeric numpy arrays only; {key!r} is "
+                            f"{type(value).__name__}")
+    buf = io.BytesIO()
+    _NumpyOnlyPickler(buf, protocol=4).dump({k: np.ascontiguousarray(v) for k, v in content.items()})
+    data = buf.getvalue()
+    back = _NumpyOnlyUnpickler(io.BytesIO(data), Path(path)).load()
+    if back.keys() != content.keys() or any(not np.array_equal(back[k], v) for k, v in content.items()):
+        raise AssertionError("the .pdparams pickle does not read back")  # a bug, not bad input
+    return data
 
 
 def check_regular(path: Path, what: str = "checkpoint") -> None:

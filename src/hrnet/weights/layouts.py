@@ -35,7 +35,7 @@ from ..models.hrnet import HRNet
 from .errors import CheckpointError, KeyMismatchError
 
 LAYOUTS = ("hrnet", "official", "timm", "mmcls", "paddle")
-WRITABLE = ("hrnet", "official", "timm", "mmcls")
+WRITABLE = ("hrnet", "official", "timm", "mmcls", "paddle")
 PADDLE_NAME_TABLE = "StructuredToParameterName@@"  # paddle.save's non-tensor entry
 HEAD_GROUPS = (("incre_modules.",), ("downsamp_modules.", "final_layer."), ("classifier.",))
 FOLDED_BIAS = r"(downsamp_modules\.\d+|final_layer)\.0\.bias"
@@ -274,7 +274,8 @@ def to_layout(sd: StateDict, arch: Arch | str, layout: str, *, backbone_only: bo
     in a feature extractor's). ``backbone_only`` drops the classification head (incre modules,
     downsampling, final layer, classifier): dense-prediction code then loads the file with no
     unexpected keys. Returns plain CPU tensors (``torch.load(weights_only=True)`` reads the saved
-    result); for ``mmcls`` wrapped as ``{"meta": {arch, num_classes, hrnet_version}, "state_dict": ...}``.
+    result); for ``mmcls`` wrapped as ``{"meta": {arch, num_classes, hrnet_version}, "state_dict": ...}``;
+    for ``paddle`` PaddleClas's names (``paddle_key``), the classifier weight [in, out].
     """
     arch = arch_of(arch)
     if layout not in WRITABLE:
@@ -286,9 +287,15 @@ def to_layout(sd: StateDict, arch: Arch | str, layout: str, *, backbone_only: bo
         out = _with_head_biases(sd)
     elif layout == "mmcls":
         out = {_rename(k, _MMCLS_WRITE_RULES): v for k, v in sd.items()}
+    elif layout == "paddle":
+        out = {name: v.t().contiguous() if k == "classifier.weight" else v
+               for k, v in sd.items() if (name := paddle_key(k)) is not None}
+        sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}  # Paddle has no counters
     else:
         out = sd
     back = convert(out, layout, arch)
+    if layout == "paddle":
+        back = {k: v for k, v in back.items() if not k.endswith("num_batches_tracked")}
     if back.keys() != sd.keys() or any(back[k] is not v and not torch.equal(back[k], v) for k, v in sd.items()):
         raise AssertionError(f"the {layout} key map does not read back to hrnet's keys")  # a bug, not bad input
     if layout == "mmcls":

@@ -3,23 +3,26 @@ and layout, a URL) as hrnet's state dict, or into a model."""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from ..models.arch import ARCHS, Arch
 from ..models.zoo import ModelRecord, models_of
-from .containers import check_tensors, read_file
+from .containers import check_regular, check_tensors, read_file
 from .download import fetch, is_url
 from .errors import CheckpointError, KeyMismatchError
-from .hrnet_format import weights_file
+from .hrnet_format import HUB_CONFIG, check_class_names, weights_file
 from .layouts import (LAYOUTS, StateDict, check, convert, describe_mismatch, detect_layout, infer_arch, mismatch,
                       state_dict_of)
 
 Source = ModelRecord | str | os.PathLike
 CLASSIFIER = ("classifier.weight", "classifier.bias")
+MAX_CONFIG_BYTES = 64 * 2**20  # a hub config.json: 100,000 class names fit several times over
 
 
 def local_path(source: Source, *, progress: bool = True) -> Path:
@@ -37,12 +40,39 @@ def read_state_dict(path: Path, layout: str = "auto") -> tuple[StateDict, dict[s
         raise ValueError(f"unknown layout {layout!r}; one of auto, {', '.join(LAYOUTS)}")
     file = weights_file(path)
     obj, metadata = read_file(file)
+    if "class_names" not in metadata:
+        names = stored_class_names(obj, path)
+        if names is not None:
+            metadata = {**metadata, "class_names": json.dumps(names, ensure_ascii=False)}
     sd = state_dict_of(obj, str(file))
     check_tensors(sd, file)
     found = detect_layout(sd, metadata, str(path))
     if layout != "auto" and found != layout and {found, layout} != {"official", "timm"}:
         raise CheckpointError(f"{path}: is a checkpoint in the {found} layout, not {layout}")
     return sd, metadata, found
+
+
+def stored_class_names(obj: Any, path: Path) -> tuple[str, ...] | None:
+    """Class names a checkpoint keeps outside hrnet's metadata: an mmcls/mmpretrain ``meta``
+    (``CLASSES``, ``dataset_meta.classes``), or a hub folder's ``config.json`` (``label_names``, as
+    timm and hrnet write it); None when there are none. Checked (:func:`check_class_names`)."""
+    names = None
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    if isinstance(meta, dict):
+        dataset = meta.get("dataset_meta")
+        names = meta.get("CLASSES", dataset.get("classes") if isinstance(dataset, dict) else None)
+    elif path.is_dir() and (path / HUB_CONFIG).exists():
+        config = path / HUB_CONFIG
+        check_regular(config, "config")
+        if config.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{config}: {config.stat().st_size:,} bytes, more than a config may take")
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{config}: not valid JSON ({e})") from None
+        names = data.get("label_names") if isinstance(data, dict) else None
+        path = config
+    return None if names is None else check_class_names(names, path)
 
 
 def load_checkpoint(source: str | os.PathLike, *, layout: str = "auto",
