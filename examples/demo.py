@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "hrnet-w18-small"  # the digits recipe's model
-INPUT = 32  # the digits recipe's input size (configs/digits.yaml: data.input_size)
+INPUT = 32  # the digits recipe's input size (hrnet recipes digits: data.input_size)
 
 
 class CommandFailed(Exception):
@@ -130,7 +130,7 @@ def digits(workdir: Path, epochs: str | None, per_class: str | None, n_images: i
     if weights.is_file():
         say(f"\nreusing the trained weights {shown(weights, workdir)} (delete {shown(run, workdir)}/ to train again)")
     else:
-        args = ["train", shown(ROOT / "configs" / "digits.yaml", workdir)]
+        args = ["train", "digits"]  # the recipe inside the package: data digits/, output runs/digits/
         args += ["--set", f"schedule.epochs={epochs}"] if epochs else []
         args += ["--resume"] if any((run / "checkpoints").glob("step-*.pt")) else []
         hrnet(*args, workdir=workdir)
