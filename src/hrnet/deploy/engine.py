@@ -18,7 +18,7 @@ from ..data import Batch, EvalTransform, ImageList, ImageReadError, class_names,
 from ..distributed import default_device
 from ..errors import UsageError
 from ..models import resolve
-from .ort import OnnxRuntimeRunner, is_onnx_file, onnx_info
+from .ort import OnnxRuntimeRunner, is_onnx_file, onnx_class_names, onnx_info
 from .runners import Runner, make_runner
 
 PathLike = str | os.PathLike
@@ -114,7 +114,7 @@ class Classifier:
         precision = precision or "fp32"
         runner = make_runner(model, backend or "eager", precision=precision, threads=threads,
                              input_size=graph_size or (transform.input_size, transform.input_size))
-        return cls(model, device, transform, class_names(model.num_classes), runner, precision)
+        return cls(model, device, transform, class_names(model), runner, precision)
 
     @classmethod
     def _from_onnx(cls, model_or_name: nn.Module | str, path: PathLike, *, input_size: int | None,
@@ -134,7 +134,8 @@ class Classifier:
         runner = OnnxRuntimeRunner(path, threads)  # a missing extra or a damaged file: one line
         cfg, size, classes, precision = onnx_info(path, runner.metadata, record=record, num_classes=classes,
                                                   precision=precision, input_size=input_size)
-        return cls(None, "cpu", eval_transform(cfg, size, crop_pct), class_names(classes), runner, precision)
+        names = onnx_class_names(path, runner.metadata, classes)
+        return cls(None, "cpu", eval_transform(cfg, size, crop_pct), class_names(classes, names), runner, precision)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.runner(images.to(self.device, non_blocking=True)).float()

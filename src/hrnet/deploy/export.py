@@ -38,6 +38,8 @@ def export_metadata(model: nn.Module, input_size: tuple[int, int]) -> dict[str, 
     record = getattr(model, "pretrained_cfg", None)
     if record is not None:
         meta["hrnet.model"] = record.name
+    if getattr(model, "class_names", None) is not None:
+        meta["hrnet.class_names"] = json.dumps(list(model.class_names))
     for key, value in model.eval_cfg.to_dict().items():
         meta[f"hrnet.preprocess.{key}"] = value if isinstance(value, str) else json.dumps(value)
     return meta

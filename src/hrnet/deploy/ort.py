@@ -18,6 +18,7 @@ import torch
 from ..errors import HRNetError, UsageError
 from ..extras import require
 from ..models import EvalConfig, ModelRecord
+from ..weights.hrnet_format import parse_class_names
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -55,6 +56,13 @@ def onnx_metadata(source) -> dict[str, str]:
     """The custom metadata of an ONNX file (a path, or an onnxruntime session of it): the one reader."""
     session = source if hasattr(source, "get_modelmeta") else ort_session(source, 1)
     return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def onnx_class_names(path: str | os.PathLike, meta: dict[str, str], num_classes: int) -> tuple[str, ...] | None:
+    """The class names an hrnet ONNX file's metadata carries (``hrnet.class_names``, checked like a
+    checkpoint's), or None when it has none."""
+    text = meta.get("hrnet.class_names")
+    return None if text is None else parse_class_names(text, path, num_classes)
 
 
 def onnx_info(path: str | os.PathLike, meta: dict[str, str], *, record: ModelRecord | None = None,
