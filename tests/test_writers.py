@@ -171,8 +171,10 @@ def test_feature_extractor_state_dict_writes_its_own_keys(tmp_path):
 
 def test_bad_requests_are_refused_with_one_line_errors(tmp_path):
     sd = create_model(SMALL).state_dict()
-    with pytest.raises(ValueError, match="cannot write the 'paddle' layout; one of hrnet, official, timm, mmcls"):
-        write_checkpoint(sd, tmp_path / "a.pdparams", format="paddle")
+    with pytest.raises(ValueError, match="cannot write the 'caffe' layout; one of hrnet, official, timm, mmcls, paddle"):
+        write_checkpoint(sd, tmp_path / "a.caffemodel", format="caffe")
+    with pytest.raises(ValueError, match="paddle checkpoint is a bare state dict with no room for metadata"):
+        write_checkpoint(sd, tmp_path / "a.pdparams", format="paddle", metadata={"note": "x"})
     with pytest.raises(ValueError, match="official checkpoint is a bare state dict with no room for metadata"):
         write_checkpoint(sd, tmp_path / "a.pth", format="official", metadata={"note": "x"})
     with pytest.raises(ValueError, match=r"metadata keys \['arch'\] are written by hrnet itself"):
@@ -206,5 +208,5 @@ def test_convert_command_writes_what_timm_and_a_backbone_load(tmp_path, sources,
     assert main(["convert", str(sources["paddle"]), str(backbone), "--to", "official", "--backbone-only"]) == 0
     trunk = timm.create_model("hrnet_w18_small", pretrained=False, features_only=True, feature_location="")
     trunk.load_state_dict(torch.load(backbone, weights_only=True), strict=True)
-    assert main(["convert", str(sources["paddle"]), str(tmp_path / "hub"), "--to", "timm", "--hub"]) == 1
-    assert "hub directory holds hrnet's format only" in capsys.readouterr().err
+    assert main(["convert", str(sources["paddle"]), str(tmp_path / "hub"), "--to", "mmcls", "--hub"]) == 1
+    assert "hub directory holds hrnet's format or timm's folder" in capsys.readouterr().err

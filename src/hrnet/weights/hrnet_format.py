@@ -61,8 +61,9 @@ def eval_config_of(metadata: dict[str, str], path: str | os.PathLike) -> EvalCon
 
 def check_class_names(names: object, where: str | os.PathLike, num_classes: int | None = None) -> tuple[str, ...]:
     """``names`` as a tuple of class names, or a one-line :class:`CheckpointError` naming ``where``: a list
-    of at most 100,000 distinct, non-empty strings of at most 256 characters with no control, format or
-    line-break characters (a name is printed in terminals, HTML and HTTP headers), one per class."""
+    of at most 100,000 non-empty strings of at most 256 characters with no control, format or
+    line-break characters (a name is printed in terminals, HTML and HTTP headers), one per class.
+    Names may repeat: ImageNet's own table names two classes 'crane' and two 'maillot'."""
     if not isinstance(names, (list, tuple)):
         raise CheckpointError(f"{where}: class names must be a list of strings, not {type(names).__name__}")
     if len(names) > MAX_CLASS_NAMES:
@@ -75,9 +76,6 @@ def check_class_names(names: object, where: str | os.PathLike, num_classes: int 
         bad = next((c for c in name if unicodedata.category(c) in _BAD_CATEGORIES), None)
         if bad is not None:
             raise CheckpointError(f"{where}: class name {i} ({name[:40]!r}) holds the control character {bad!r}")
-    if len(set(names)) != len(names):
-        dup = next(n for i, n in enumerate(names) if n in names[:i])
-        raise CheckpointError(f"{where}: the class name {dup[:40]!r} appears twice (classes are mapped by name)")
     if num_classes is not None and len(names) != num_classes:
         raise CheckpointError(f"{where}: {len(names)} class names for {num_classes} classes")
     return tuple(names)
