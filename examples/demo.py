@@ -5,8 +5,9 @@ it runs so you can copy it.
    within a few seconds), classify the example photos with them; otherwise say so and go on.
 2. The embedded default, which needs no network: scikit-learn's 1,797 digit scans written as image
    folders (``hrnet data digits``), the digits recipe trained on them (``hrnet train``), then
-   ``hrnet eval`` on the held-out folder, ``hrnet predict`` on a few held-out scans, ``hrnet cam``,
-   ``hrnet export`` to ONNX and ``hrnet bench`` eager vs onnxruntime, and a summary.
+   ``hrnet plot`` of the training curves, ``hrnet eval`` on the held-out folder, ``hrnet predict`` on a
+   few held-out scans, ``hrnet cam``, ``hrnet export`` to ONNX and ``hrnet bench`` eager vs
+   onnxruntime, and a summary listing the pictures (training curves, Grad-CAM) and files written.
 
 A second run reuses the data and the trained weights. Files go under the current directory
 (``digits/``, ``runs/``), or ``HRNET_DEMO_DIR``. Budget knobs (environment variables):
@@ -129,13 +130,16 @@ def digits(workdir: Path, epochs: str | None, per_class: str | None, n_images: i
     if weights.is_file():
         say(f"\nreusing the trained weights {shown(weights, workdir)} (delete {shown(run, workdir)}/ to train again)")
     else:
-        args = ["train", "digits"]
+        args = ["train", "digits"]  # the recipe inside the package: data digits/, output runs/digits/
         args += ["--set", f"schedule.epochs={epochs}"] if epochs else []
         args += ["--resume"] if any((run / "checkpoints").glob("step-*.pt")) else []
         hrnet(*args, workdir=workdir)
         if not weights.is_file():
             raise CommandFailed(f"training wrote no {shown(weights, workdir)}")
     model = [MODEL, "--checkpoint", shown(weights, workdir)]
+    out.mkdir(parents=True, exist_ok=True)
+    curves, cam, onnx = out / "training-curves.png", out / "cam.png", out / "digits.onnx"
+    hrnet("plot", shown(run, workdir), "-o", shown(curves, workdir), workdir=workdir)
 
     # no --input-size: best.safetensors carries the evaluation settings it was trained for (32x32)
     _, text = hrnet("eval", *model, "--data", shown(data / "val", workdir), workdir=workdir)
@@ -145,8 +149,6 @@ def digits(workdir: Path, epochs: str | None, per_class: str | None, n_images: i
     picks = [sorted(folder.glob("*.png"))[0] for folder in val][:n_images]
     hrnet("predict", *model, *[shown(p, workdir) for p in picks], "--topk", "1", workdir=workdir, note=true_label)
 
-    out.mkdir(parents=True, exist_ok=True)
-    cam, onnx = out / "cam.png", out / "digits.onnx"
     hrnet("cam", *model, shown(picks[-1], workdir), "-o", shown(cam, workdir), workdir=workdir)
     hrnet("export", *model, "-o", shown(onnx, workdir), workdir=workdir)
     _, text = hrnet("bench", *model, "--backend", "eager", "onnxruntime", "--input-size", str(INPUT), str(INPUT),
@@ -160,8 +162,10 @@ def digits(workdir: Path, epochs: str | None, per_class: str | None, n_images: i
     say("files:")
     for path, what in [(data, "the digits as image folders (train/, val/)"),
                        (weights, "the trained weights (hrnet's safetensors format)"),
-                       (run / "log.jsonl", "the training log ('hrnet plot' draws it)"),
-                       (cam, "Grad-CAM picture"), (onnx, "ONNX export, preprocessing in its metadata")]:
+                       (run / "log.jsonl", "the training log"),
+                       (curves, "picture: loss, accuracy and learning rate per step (hrnet plot)"),
+                       (cam, "picture: where the model looks, on a held-out scan (hrnet cam)"),
+                       (onnx, "ONNX export, preprocessing in its metadata")]:
         say(f"  {shown(path, workdir) + ('/' if path.is_dir() else ''):<32} {what}")
 
 

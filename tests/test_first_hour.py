@@ -203,9 +203,9 @@ def test_the_demo_runs_offline_and_its_summary_is_true(tmp_path):
 
     # every command is shown before it runs, and every file the summary names exists
     shown = re.findall(r"^\$ hrnet (\w+)", out, re.M)
-    assert shown == ["data", "train", "eval", "predict", "cam", "export", "bench"]
+    assert shown == ["data", "train", "plot", "eval", "predict", "cam", "export", "bench"]
     files = out.split("\nfiles:\n", 1)[1].splitlines()
-    assert len(files) == 5
+    assert len(files) == 6
     for line in files:
         assert (tmp_path / line.split()[0]).exists(), line
 
