@@ -101,7 +101,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """NAME plus where its weights come from: the zoo's published file, or --checkpoint."""
     p.add_argument("name", metavar="NAME", help="model name or alias (see 'hrnet list')")
     p.add_argument("--checkpoint", metavar="PATH_OR_URL",
-                   help="weights to load instead of the published ones: any supported format")
+                   help="weights to load instead of the published ones: any supported format, an .onnx file "
+                        "(hrnet export/quantize), or an 'hrnet optimize' OUT_DIR (runs what it chose)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 

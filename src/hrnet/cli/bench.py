@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME", help="model name or alias (see 'hrnet list')")
     p.add_argument("--checkpoint", metavar="PATH_OR_URL",
                    help="weights to load (default: random weights; they do not change the speed), or an .onnx "
-                        "file from 'hrnet export'/'hrnet quantize' to run with onnxruntime")
+                        "file from 'hrnet export'/'hrnet quantize' to run with onnxruntime, or an 'hrnet optimize' "
+                        "OUT_DIR to run what it chose")
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
                    help="backends to measure (default: all that run the precision; onnxruntime for an .onnx file)")
     add_precision_arg(p)
@@ -41,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..deploy.bench import bench
+    from ..deploy.manifest import is_optimize_dir, read_manifest
     from ..deploy.ort import is_onnx_file
     from ..deploy.runners import BACKENDS, precision_problem
 
@@ -48,6 +50,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if backends is None:  # every backend that runs the precision here; an unrunnable one says why
         runs = [b for b in BACKENDS if precision_problem(args.precision or "fp32", b, "cpu") is None]
         backends = ["onnxruntime"] if is_onnx_file(args.checkpoint) else runs or list(BACKENDS)
+        if is_optimize_dir(args.checkpoint):
+            backends = [read_manifest(args.checkpoint)[0].backend]
     if "onnxruntime" in backends:  # before minutes of measuring the other backends
         require("onnx", "hrnet bench --backend onnxruntime")
     results = []

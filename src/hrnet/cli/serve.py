@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..deploy.manifest import is_optimize_dir, read_manifest
+
     try:
         from ..serve import connections
         from ..serve.app import ENV_VAR, ServeConfig, build_classifier, config_env, create_app, default_backend
@@ -72,6 +74,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ServeError(f"invalid server options: {e}") from None
     if args.workers < 1:
         raise ServeError(f"--workers must be at least 1, got {args.workers}")
+    if args.backend is None and is_optimize_dir(args.checkpoint):  # run what hrnet optimize chose
+        args.backend = read_manifest(args.checkpoint)[0].backend
     args.backend = args.backend or default_backend(args.precision)
     build = {"backend": args.backend, "precision": args.precision, "checkpoint": args.checkpoint,
              "device": args.device, "input_size": args.input_size, "crop_pct": args.crop_pct}
