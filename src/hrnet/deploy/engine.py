@@ -141,7 +141,8 @@ class Classifier:
         else:
             record, classes = resolve(model_or_name), None  # an unknown name fails as it would without the file
         if backend not in (None, "onnxruntime", "openvino"):
-            raise UsageError(f"{path}: an ONNX file runs with the onnxruntime or openvino backend, not {backend}")
+            raise UsageError(f"{path}: an ONNX file runs with the onnxruntime backend, not {backend} "
+                             "(or with openvino)")
         if not os.path.isfile(path):
             raise UsageError(f"{path}: ONNX file not found")
         if backend == "openvino":  # the file's precision sets OpenVINO's (a missing extra: one line)
