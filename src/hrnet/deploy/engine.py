@@ -173,6 +173,7 @@ class Classifier:
         if is_onnx_file(artefact):
             clf = cls._from_onnx(manifest.model, artefact, threads=build.get("threads"), **settings)
         else:
+            build["device"] = build.get("device") or "cpu"  # what was measured, unless a device is named
             clf = cls.build(manifest.model, checkpoint=artefact, **settings, **build)
         if manifest.classes and len(manifest.classes) == len(clf.labels):
             clf.labels = list(manifest.classes)
