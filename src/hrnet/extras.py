@@ -12,7 +12,8 @@ from .errors import HRNetError
 
 EXTRAS = {
     "onnx": ("onnx", "onnxruntime", "onnxscript"),  # export needs onnx + onnxscript, running needs onnxruntime
-    "digits": ("sklearn",),  # scikit-learn ships the digit scans
+    "digits": ("sklearn",),
+    "openvino": ("openvino",),  # the openvino backend (it runs hrnet's ONNX files; export needs the onnx extra)  # scikit-learn ships the digit scans
 }
 
 

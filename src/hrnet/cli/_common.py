@@ -128,7 +128,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """NAME plus where its weights come from (the zoo's published file, or --checkpoint) and --device."""
     p.add_argument("name", metavar="NAME", help="model name or alias (see 'hrnet list')")
     p.add_argument("--checkpoint", metavar="PATH_OR_URL",
-                   help="weights to load instead of the published ones: any supported format")
+                   help="weights to load instead of the published ones: any supported format, an .onnx file "
+                        "(hrnet export/quantize), or an 'hrnet optimize' OUT_DIR (runs what it chose)")
     add_device_arg(p)
 
 

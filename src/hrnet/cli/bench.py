@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME", help="model name or alias (see 'hrnet list')")
     p.add_argument("--checkpoint", metavar="PATH_OR_URL",
                    help="weights to load (default: random weights; they do not change the speed), or an .onnx "
-                        "file from 'hrnet export'/'hrnet quantize' to run with onnxruntime")
+                        "file from 'hrnet export'/'hrnet quantize' to run with onnxruntime, or an 'hrnet optimize' "
+                        "OUT_DIR to run what it chose")
     p.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
                    help="backends to measure (default: all that run the precision on the device; onnxruntime for "
                         "an .onnx file)")
@@ -50,6 +51,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ..deploy.bench import bench
     from ..deploy.engine import device_defaults
+    from ..deploy.manifest import is_optimize_dir, read_manifest
     from ..deploy.ort import is_onnx_file
     from ..deploy.runners import BACKENDS, precision_problem
     from ..distributed import check_device
@@ -62,6 +64,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.compile_mode is not None:
             runs = ["compile"]
         backends = ["onnxruntime"] if is_onnx_file(args.checkpoint) else runs or list(BACKENDS)
+        if is_optimize_dir(args.checkpoint):
+            backends = [read_manifest(args.checkpoint)[0].backend]
     defaults = device_defaults(device)
     if not args.json and not args.quiet:
         print(f"defaults on {device}: --backend {defaults.backend}, eval --batch-size {defaults.batch_size}, "

@@ -58,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ..deploy.manifest import is_optimize_dir, read_manifest
+
     try:
         from ..serve import connections
         from ..serve.app import ENV_VAR, ServeConfig, build_classifier, config_env, create_app, default_backend
@@ -76,6 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..distributed import check_device
 
     args.device = check_device(args.device)  # in one line here, not in every worker
+    if args.backend is None and is_optimize_dir(args.checkpoint):  # run what hrnet optimize chose
+        args.backend = read_manifest(args.checkpoint)[0].backend
     args.backend = args.backend or default_backend(args.precision, args.device)
     build = {"backend": args.backend, "precision": args.precision, "checkpoint": args.checkpoint,
              "device": args.device, "input_size": args.input_size, "crop_pct": args.crop_pct}

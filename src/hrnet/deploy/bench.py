@@ -132,7 +132,7 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
     Without ``checkpoint`` the model keeps its random initialisation: the weights' values do not
     change the amount of work. ``onnx``: serve this exported or quantized file (onnxruntime backend)
     instead of exporting here, as a deployment would; ``precision`` then checks the file's, and its
-    recorded input size replaces ``input_size``. Out-of-range counts or sizes raise UsageError before
+    recorded input size replaces ``input_size`` (an ``hrnet optimize`` directory: what it chose). Out-of-range counts or sizes raise UsageError before
     anything is built.
     """
     from ..builder import create_model
@@ -142,7 +142,7 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
 
     start = time.perf_counter()
     if onnx is not None:
-        clf = Classifier.build(name, checkpoint=onnx, threads=threads, precision=precision)
+        clf = Classifier.build(name, checkpoint=onnx, threads=threads, precision=precision, backend=backend)
         input_size = (clf.transform.input_size,) * 2
     else:
         model = create_model(name, checkpoint=checkpoint).eval()
@@ -168,7 +168,7 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
 def bench(name: str, backend: str, **kwargs) -> BenchResult:
     """:func:`bench_here` in a fresh Python process, so peak memory is this backend's alone.
 
-    For onnxruntime the model is exported here first, so the exporter's own memory (it imports a
+    For onnxruntime (and openvino fp32) the model is exported here first, so the exporter's own memory (it imports a
     compiler stack) does not count against serving; ``setup_s`` then includes the export. A
     ``checkpoint`` ending in ``.onnx`` is served as it is (``hrnet quantize`` files: int8).
     ``device`` defaults to cpu here (a benchmark names where it runs); a GPU is checked first.
@@ -176,18 +176,26 @@ def bench(name: str, backend: str, **kwargs) -> BenchResult:
     options = {k: p.default for k, p in inspect.signature(bench_here).parameters.items()}
     check_options(**{k: kwargs.get(k, options[k]) for k in ("batch_size", "input_size", "threads", "iters", "warmup")})
     from ..distributed import check_device
+    from .manifest import is_optimize_dir, read_manifest
     from .ort import is_onnx_file, onnx_info, onnx_metadata
     from .runners import check_compile_mode, check_precision
 
     device = kwargs["device"] = check_device(kwargs.get("device") or "cpu")
     check_compile_mode(kwargs.get("compile_mode"), backend)
     checkpoint = kwargs.get("checkpoint")
-    if is_onnx_file(checkpoint):
-        if backend != "onnxruntime":
-            raise HRNetError(f"{checkpoint}: an ONNX file runs with the onnxruntime backend, not {backend}")
+    if is_optimize_dir(checkpoint):  # what hrnet optimize chose, built in the child by the funnel
+        manifest = read_manifest(checkpoint)[0]
+        if backend != manifest.backend:
+            raise HRNetError(f"{checkpoint}: hrnet optimize chose the {manifest.backend} backend, not {backend}")
+        kwargs = {**kwargs, "checkpoint": None, "onnx": str(checkpoint)}
+    elif is_onnx_file(checkpoint):
+        if backend not in ("onnxruntime", "openvino"):
+            raise HRNetError(f"{checkpoint}: an ONNX file runs with the onnxruntime or openvino backend, not {backend}")
         kwargs = {**kwargs, "checkpoint": None, "onnx": str(checkpoint)}
     # refuse unavailable combinations here, in one line, not as the last line of a child's traceback
-    if kwargs.get("onnx") is not None:
+    if is_optimize_dir(kwargs.get("onnx")):
+        pass  # checked above
+    elif kwargs.get("onnx") is not None:
         from ..models import resolve
 
         check_precision("fp32", "onnxruntime", torch.device(device).type)  # a GPU: onnxruntime runs on the CPU
@@ -196,7 +204,8 @@ def bench(name: str, backend: str, **kwargs) -> BenchResult:
         check_precision(kwargs.get("precision") or "fp32", backend, torch.device(device).type)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        if backend == "onnxruntime" and kwargs.get("onnx") is None:
+        exports = backend == "onnxruntime" or (backend == "openvino" and kwargs.get("precision") in (None, "fp32"))
+        if exports and kwargs.get("onnx") is None:
             from ..builder import create_model
             from .export import export_onnx
 

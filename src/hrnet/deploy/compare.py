@@ -21,6 +21,7 @@ from ..data import DatasetError, ImageDataset, ImageList, find_images
 from ..distributed import check_device
 from ..errors import HRNetError
 from .engine import Classifier, build_model
+from .manifest import is_optimize_dir
 from .ort import BackendError, is_onnx_file
 from .runners import BACKENDS, precision_problem
 
@@ -34,13 +35,16 @@ class RunSpec:
     """One way of running the model: a backend at a precision, or an ONNX file."""
 
     text: str  # as the user wrote it; names the run in reports
-    backend: str  # one of BACKENDS, or "onnx-file"
+    backend: str  # one of BACKENDS, "onnx-file" or "optimized" (an hrnet optimize directory)
     precision: str = "fp32"
     path: Path | None = None
 
 
 def parse_spec(text: str) -> RunSpec:
-    """``BACKEND[:PRECISION]`` or a path to an ``.onnx`` file, checked; a one-line error otherwise."""
+    """``BACKEND[:PRECISION]``, a path to an ``.onnx`` file or an ``hrnet optimize`` directory (what it
+    chose), checked; a one-line error otherwise."""
+    if is_optimize_dir(text):
+        return RunSpec(text, "optimized", path=Path(text))
     if is_onnx_file(text) or os.sep in text:
         path = Path(text)
         if not path.is_file():

@@ -19,7 +19,9 @@ from ..data import (Batch, EvalTransform, ImageList, ImageReadError, class_names
 from ..distributed import check_device
 from ..errors import UsageError
 from ..models import resolve
-from .ort import OnnxRuntimeRunner, is_onnx_file, onnx_info
+from .manifest import is_optimize_dir, read_manifest
+from .openvino import OpenVINORunner
+from .ort import OnnxRuntimeRunner, is_onnx_file, onnx_info, onnx_metadata
 from .runners import Runner, check_compile_mode, make_runner
 
 PathLike = str | os.PathLike
@@ -53,7 +55,10 @@ def batch_memory(batch_size: int, side: int) -> int:
 def build_model(model_or_name: nn.Module | str, checkpoint: PathLike | None = None, *,
                 progress: bool = False) -> nn.Module:
     """A model object as is, or a zoo name with ``checkpoint`` (else its published weights, with a
-    download bar if ``progress``): the one place a command turns NAME [--checkpoint] into a model."""
+    download bar if ``progress``): the one place a command turns NAME [--checkpoint] into a model. An
+    ``hrnet optimize`` directory gives its reference fp32 weights."""
+    if is_optimize_dir(checkpoint):
+        checkpoint = read_manifest(checkpoint)[2]
     if not isinstance(model_or_name, nn.Module):
         return create_model(model_or_name, pretrained=checkpoint is None, checkpoint=checkpoint, progress=progress)
     if checkpoint is not None:
@@ -130,7 +135,15 @@ class Classifier:
         model on a GPU, whose CPU threads only feed it). ``graph_size``:
         the (H, W) the compile backend is warmed up on and the onnxruntime graph exported for
         (default: the crop; ``hrnet bench`` measures other shapes).
+
+        A ``checkpoint`` that is an ``hrnet optimize`` directory runs what it chose (its manifest's
+        backend, precision, file, evaluation settings and class names); a ``backend`` or ``precision``
+        other than the chosen one is refused.
         """
+        if is_optimize_dir(checkpoint):
+            return cls._from_optimized(model_or_name, checkpoint, device=device, input_size=input_size,
+                                       crop_pct=crop_pct, backend=backend, precision=precision, threads=threads,
+                                       graph_size=graph_size, compile_mode=compile_mode)
         if is_onnx_file(checkpoint):
             if threads:
                 torch.set_num_threads(threads)
@@ -160,15 +173,45 @@ class Classifier:
             record, classes = getattr(model_or_name, "pretrained_cfg", None), model_or_name.num_classes
         else:
             record, classes = resolve(model_or_name), None  # an unknown name fails as it would without the file
-        if backend not in (None, "onnxruntime"):
-            raise UsageError(f"{path}: an ONNX file runs with the onnxruntime backend, not {backend}")
+        if backend not in (None, "onnxruntime", "openvino"):
+            raise UsageError(f"{path}: an ONNX file runs with the onnxruntime backend, not {backend} "
+                             "(or with openvino)")
         if not os.path.isfile(path):
             raise UsageError(f"{path}: ONNX file not found")
-        runner = OnnxRuntimeRunner(path, threads)  # a missing extra or a damaged file: one line
+        if backend == "openvino":  # the file's precision sets OpenVINO's (a missing extra: one line)
+            runner = OpenVINORunner(path, threads, onnx_metadata(path).get("hrnet.precision", "fp32"))
+        else:
+            runner = OnnxRuntimeRunner(path, threads)  # a missing extra or a damaged file: one line
         cfg, size, classes, names, precision = onnx_info(path, runner.metadata, record=record, num_classes=classes,
                                                   precision=precision, input_size=input_size)
         return cls(None, "cpu", eval_transform(cfg, size, crop_pct), class_names(classes, names), runner, precision,
                    names)
+
+    @classmethod
+    def _from_optimized(cls, model_or_name: nn.Module | str, directory: PathLike, *, backend: str | None,
+                        precision: str | None, input_size: int | None, crop_pct: float | None,
+                        **build) -> Classifier:
+        """What an ``hrnet optimize`` directory chose, checked against the model named and the options given."""
+        manifest, artefact, weights = read_manifest(directory)
+        name = model_or_name.pretrained_cfg.name if isinstance(model_or_name, nn.Module) and getattr(
+            model_or_name, "pretrained_cfg", None) else model_or_name
+        if isinstance(name, str) and resolve(name).name != manifest.model:
+            raise UsageError(f"{directory}: optimized for {manifest.model}, not {resolve(name).name}")
+        for option, asked, chosen in (("--backend", backend, manifest.backend),
+                                      ("--precision", precision, manifest.precision)):
+            if asked not in (None, chosen):
+                raise UsageError(f"{directory}: hrnet optimize chose {manifest.backend}:{manifest.precision}; "
+                                 f"{option} {asked} does not apply (pass the weights, not the directory, to choose)")
+        settings = dict(input_size=input_size or manifest.input_size, crop_pct=crop_pct or manifest.crop_pct,
+                        backend=manifest.backend, precision=manifest.precision)
+        if is_onnx_file(artefact):
+            clf = cls._from_onnx(manifest.model, artefact, threads=build.get("threads"), **settings)
+        else:
+            build["device"] = build.get("device") or "cpu"  # what was measured, unless a device is named
+            clf = cls.build(manifest.model, checkpoint=artefact, **settings, **build)
+        if manifest.classes and len(manifest.classes) == len(clf.labels):
+            clf.labels, clf.names = list(manifest.classes), tuple(manifest.classes)
+        return clf
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.runner(images.to(self.device, non_blocking=True)).float()

@@ -21,14 +21,16 @@ from torch import nn
 
 from .export import export_onnx
 from .fold import fuse_model, is_folded
+from .openvino import openvino_available, openvino_runner
 from .ort import BackendError, OnnxRuntimeRunner, import_onnxruntime
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
-BACKENDS: tuple[str, ...] = ("eager", "fused", "compile", "onnxruntime")
+BACKENDS: tuple[str, ...] = ("eager", "fused", "compile", "onnxruntime", "openvino")
 """eager: the model as built (the reference); fused: BN-folded channels_last copy in eager PyTorch;
 compile: the fused copy through torch.compile (inductor, frozen weights); onnxruntime: the fused copy
-exported to ONNX and run by onnxruntime (needs the ``hrnet[onnx]`` extra)."""
+exported to ONNX and run by onnxruntime (needs the ``hrnet[onnx]`` extra); openvino: the same export run
+by OpenVINO on the CPU (``hrnet[openvino]``; fp32, int8 files, bf16 on CPUs with native bf16)."""
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 """fp32: exact; bf16: CPUs with AVX512_BF16/AMX and GPUs; fp16: GPUs; int8: an ``hrnet quantize`` ONNX file."""
@@ -65,6 +67,12 @@ def precision_problem(precision: str, backend: str, device: str) -> str | None:
     None where ``backend`` runs ``precision`` on ``device``, else the one-line reason it does not."""
     if precision not in PRECISIONS:
         return f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}"
+    if backend == "openvino" and not openvino_available():
+        return "the openvino backend needs openvino: pip install 'hrnet[openvino]' (not installed)"
+    if backend == "openvino" and device != "cpu":
+        return "the openvino backend runs on the CPU; use --device cpu"
+    if backend == "openvino" and precision == "bf16" and not native_bf16_cpu():
+        return "openvino:bf16 needs a CPU with native bf16 (AVX512_BF16 or AMX); use fp32 or an int8 file"
     if precision == "int8":
         return QUANTIZE_HINT
     if precision != "fp32" and backend == "onnxruntime":
@@ -230,6 +238,8 @@ def make_runner(model: nn.Module, backend: str = "eager", *, precision: str = "f
     check_compile_mode(compile_mode, backend)
     mode = compile_mode or "default"
     check_precision(precision, backend, next(model.parameters()).device.type)
+    if backend == "openvino":
+        return openvino_runner(model, input_size, threads, precision)
     if precision != "fp32":
         return _reduced(model, backend, DTYPES[precision], input_size, mode)
     if backend == "eager":
