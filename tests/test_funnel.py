@@ -23,6 +23,7 @@ from hrnet.deploy import PrecisionWarning
 from hrnet.deploy.bench import bench_here
 from hrnet.deploy.quantize import quantize_onnx
 from hrnet.inference.batch import predict_to_file
+from hrnet.data import imagenet_wnids
 from hrnet.inference.evaluate import evaluate
 from hrnet.inference.predict import predict
 from test_predict import CROP, FAST, MODEL, model_and_photos
@@ -36,9 +37,9 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("funnel")
     model, ckpt, photos, _ = model_and_photos(d)
     int8 = quantize_onnx(model, d / "photos", d / "m.int8.onnx", input_size=CROP, num_images=4)
-    for i, photo in enumerate(photos[:4]):
-        (d / "val" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(photo, d / "val" / "ab"[i % 2] / photo.name)
+    for i, photo in enumerate(photos[:4]):  # two ImageNet classes, by wnid: the model's 1000 classes have names
+        (d / "val" / imagenet_wnids()[i % 2]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, d / "val" / imagenet_wnids()[i % 2] / photo.name)
     return {"ckpt": ckpt, "int8": int8, "photo": photos[0], "data": d / "val"}
 
 

@@ -134,7 +134,7 @@ def test_onnxruntime_is_refused_on_a_gpu_because_it_runs_on_the_cpu():
 
 
 def test_gpu_defaults_are_the_fused_model_large_batches_and_decoding_workers(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # a 16-core GPU machine
     gpu, cpu = device_defaults("cuda:0"), device_defaults("cpu")
     assert (gpu.backend, gpu.batch_size, gpu.workers) == ("fused", 256, 8)
     assert (cpu.backend, cpu.batch_size, cpu.workers) == ("eager", 32, 0)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 import hrnet
 from hrnet.cli import main as hrnet_main
-from hrnet.data import ImageDataset, eval_transform
+from hrnet.data import ImageDataset, eval_transform, imagenet_names
 from hrnet.data.dataset import DatasetError, load_split, split_per_class
 from hrnet.training.config import load_config
 from hrnet.training.recipes import RECIPES_DIR, recipe_names
@@ -197,6 +197,9 @@ def test_a_folder_the_model_does_not_know_is_refused_naming_it(tmp_path):
     with pytest.raises(DatasetError, match="3 class folders, but the model has 10 classes and no class names"):
         ImageDataset(photos, num_classes=10)
     assert ImageDataset(photos, num_classes=3).classes == ["bird", "cat", "emu"]
+    with pytest.raises(DatasetError, match=r"folder 'bird' is neither an ImageNet wnid nor one of the model's "
+                                           r"ImageNet class names; 2 other folders neither; .* \(n01440764, n01443537"):
+        ImageDataset(photos, class_names=imagenet_names())
 
 
 @torch.no_grad()

@@ -220,10 +220,14 @@ class ImageDataset(Dataset):
             names = [str(c) for c in class_names]
             unknown = [f for f in folders if f not in set(names)]
             if unknown:
+                more = f"; {len(unknown) - 1} other folders neither" if len(unknown) > 1 else ""
+                if tuple(names) == imagenet_names():
+                    raise DatasetError(f"{name}: folder '{display_path(unknown[0])}' is neither an ImageNet wnid nor "
+                                       f"one of the model's ImageNet class names{more}; an ImageNet tree has one "
+                                       f"folder per wnid ({wnids[0]}, {wnids[1]}, ...)")
                 shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
                 raise DatasetError(f"{name}: folder '{display_path(unknown[0])}' is not one of the model's "
-                                   f"{len(names)} classes ({shown})"
-                                   + (f"; {len(unknown) - 1} other folders neither" if len(unknown) > 1 else ""))
+                                   f"{len(names)} classes ({shown}){more}")
             self.classes, self.layout = names, "folders"
         elif imagenet:
             self.classes, self.layout, self.excluded = list(wnids), "imagenet", odd
