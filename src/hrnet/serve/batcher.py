@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .memory import Trimmer
 from .protocol import RequestError
 
 
@@ -52,7 +51,6 @@ class Batcher:
         self.max_batch, self.max_wait_s, self.max_pending = max_batch, max_wait_s, max_pending
         self.pending = 0  # admitted images not yet answered
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="hrnet-model")
-        self.trimmer = Trimmer()  # hands freed batch buffers back to the OS now and then
         self._waiting: deque[_Item] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -121,7 +119,6 @@ class Batcher:
         start = time.perf_counter()
         probs = self.run(torch.stack([item.x for item in batch])).float().softmax(dim=1).cpu()
         seconds = time.perf_counter() - start
-        self.trimmer.maybe()
         return probs, seconds
 
     async def close(self) -> None:
