@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from hrnet import create_model  # noqa: E402
+from hrnet.data import imagenet_wnids  # noqa: E402
 from hrnet.deploy.bench import time_calls  # noqa: E402
 from hrnet.deploy.engine import Classifier, device_defaults  # noqa: E402
 from hrnet.distributed import check_device  # noqa: E402
@@ -277,7 +278,7 @@ def _write_jpegs(job: tuple[int, int, str, int, int]) -> None:
         crop = img.crop((left, top, left + img.width * 3 // 4, top + img.height * 3 // 4)).resize((w, h))
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        folder = Path(root) / f"class{i % classes:02d}"
+        folder = Path(root) / imagenet_wnids()[i % classes]  # an ImageNet tree: the 1000-class model's own classes
         folder.mkdir(parents=True, exist_ok=True)
         crop.save(folder / f"{i:06d}.jpg", quality=rng.randint(75, 95))
 

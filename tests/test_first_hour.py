@@ -168,7 +168,7 @@ QUIET_CASES = {
     "compare": ["compare", *W, "--data", "{val}", "--input-size", "32", "eager", "fused"],
 }
 # serve runs until it is signalled: tests/test_serve.py starts it with -q and reads its output.
-LONG_RUNNING = {"serve"}
+LONG_RUNNING = {"serve", "optimize"}  # a server; minutes of timing candidates (tests/test_optimize.py runs it)
 
 
 def test_the_quiet_cases_cover_every_command():
