@@ -29,7 +29,8 @@ from hrnet.training.rundir import EXIT_PREEMPTED, claim_run_dir
 from hrnet.training.state import checkpoints, load_state, save_state
 from hrnet.training.train import train
 
-from test_train import log_records, write_digits
+from test_train import log_records
+from test_train_hardening import digits  # noqa: F401  (the same 32 px digits fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = str(ROOT / "src")
@@ -47,13 +48,6 @@ output: {{dir: {run}, log_every: 1, checkpoint_every: {every}, keep_last: 20}}
 """
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    write_digits(root, size=32, per_class=4, held_out=0.0)
-    return root
 
 
 def recipe(tmp_path: Path, digits: Path, run: str, *, epochs: int = 1, every: int = 0, timeout: float = 20) -> Path:
