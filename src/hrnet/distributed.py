@@ -9,6 +9,10 @@ else :data:`DEFAULT_TIMEOUT_S`) instead of PyTorch's 10-30 minutes. A failed wai
 :class:`CollectiveError` naming the rank that stopped answering: each rank beats a counter in the
 rendezvous store once a second from a thread, which stops when the process dies or is stopped, so
 the ranks whose counters stand still are the ones to blame.
+
+Every key a round writes lives under a prefix of its own (:func:`_round_prefix`): torchrun's agent
+keeps one store server for all its restarts, and without the prefix a restarted rank can read a dead
+peer's gloo address from the round before and fail to connect.
 """
 
 from __future__ import annotations
@@ -115,9 +119,9 @@ class _State:
 class _Heartbeat(threading.Thread):
     """Adds 1 to this rank's counter in the store every :data:`BEAT_S` seconds."""
 
-    def __init__(self, store, rank: int, world_size: int, attempt: str):
+    def __init__(self, store, rank: int, world_size: int):
         super().__init__(name="hrnet-heartbeat", daemon=True)
-        self.store, self.rank, self.world_size, self.prefix = store, rank, world_size, f"hrnet/beat/{attempt}/"
+        self.store, self.rank, self.world_size, self.prefix = store, rank, world_size, "hrnet/beat/"
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -174,17 +178,21 @@ def init_distributed(device: str | None = None, timeout_s: float | None = None) 
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         _State.timeout_s = collective_timeout(timeout_s)
+        timeout = timedelta(seconds=_State.timeout_s)
         with guard("joining the process group"):
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                    timeout=timedelta(seconds=_State.timeout_s))
-        try:
-            store = dist.distributed_c10d._get_default_store()
-        except Exception:  # a private API: without it, a failure names no rank
-            store = None
-        if store is not None:
-            _State.beat = _Heartbeat(store, rank, world_size, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-            _State.beat.start()
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(_round_prefix(world_size), store)
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timeout,
+                                    store=store, rank=rank, world_size=world_size)
+        _State.beat = _Heartbeat(store, rank, world_size)
+        _State.beat.start()
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _round_prefix(world_size: int) -> str:
+    """The store prefix of this round of the job: torchrun's restart count (a failure) and the world
+    size (a membership change, which restarts without counting)."""
+    return f"hrnet/round/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{world_size}/"
 
 
 def _is_collective_failure(e: BaseException) -> bool:
