@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import http.server
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -104,3 +105,47 @@ def run_limited(code: str, *args: str, extra_bytes: int = 1 << 30, timeout: floa
            "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code), *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def _workers(parent: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, environment) of every child process of ``parent``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent:
+            yield int(entry.name), env
+
+
+def worker_pid(parent: int, rank: int) -> int:
+    """The pid of the torchrun worker (a child of ``parent``) whose RANK is ``rank``."""
+    for pid, env in _workers(parent):
+        if f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {parent}")
+
+
+def stop_rank_and_expect_one_line(proc: subprocess.Popen, rank: int, timeout_s: float) -> str:
+    """SIGSTOP torchrun worker ``rank`` of ``proc``; the job must then fail within the collective timeout
+    plus 20 s (2.5 s to name the rank, torchrun's 5 s grace, a busy machine) with exactly one
+    ``hrnet: error:`` line naming the rank. Returns the job's output."""
+    os.kill(worker_pid(proc.pid, rank), signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        out, _ = proc.communicate(timeout=timeout_s + 120)
+    finally:
+        if proc.poll() is None:  # a hang: leave no process behind
+            for pid, _ in _workers(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+    took = time.time() - stopped_at
+    assert proc.returncode != 0, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("hrnet: error:")]
+    assert len(errors) == 1 and f"rank {rank} stopped answering" in errors[0], out[-3000:]
+    assert took < timeout_s + 20, took
+    return out

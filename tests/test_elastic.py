@@ -29,6 +29,7 @@ from hrnet.training.rundir import EXIT_PREEMPTED, claim_run_dir
 from hrnet.training.state import checkpoints, load_state, save_state
 from hrnet.training.train import train
 
+from helpers import stop_rank_and_expect_one_line, worker_pid
 from test_train import log_records
 from test_train_hardening import digits  # noqa: F401  (the same 32 px digits fixture)
 
@@ -72,21 +73,6 @@ def wait_for_step(run: Path, step: int, proc: subprocess.Popen, limit: float = 2
             return
         time.sleep(0.05)
     raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
-
-
-def worker_pid(parent: int, rank: int) -> int:
-    """The pid of the torchrun worker (a child of ``parent``) whose RANK is ``rank``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == parent and f"RANK={rank}".encode() in env:
-            return int(entry.name)
-    raise AssertionError(f"no worker of rank {rank} under {parent}")
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -340,11 +326,4 @@ def test_a_stopped_rank_ends_a_two_process_training_within_the_timeout(tmp_path,
     proc = subprocess.Popen(torchrun(*hrnet("train", str(cfg), "-q")), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for_step(run, 2, proc)
-    os.kill(worker_pid(proc.pid, 1), signal.SIGSTOP)
-    stopped_at = time.time()
-    out, _ = proc.communicate(timeout=120)
-    took = time.time() - stopped_at
-    assert proc.returncode != 0
-    errors = [line for line in out.splitlines() if line.startswith("hrnet: error:")]
-    assert len(errors) == 1 and "rank 1 stopped answering" in errors[0], out[-3000:]
-    assert took < 5 + 20, took  # the timeout, 2.5 s to name the rank, torchrun's 5 s grace, and a busy machine
+    stop_rank_and_expect_one_line(proc, 1, timeout_s=5)

@@ -8,9 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hrnet import create_model
 from hrnet.cli import main
@@ -18,6 +22,7 @@ from hrnet.data import imagenet_names, imagenet_wnids
 from hrnet.inference.evaluate import evaluate
 from hrnet.inference.predict import predict
 from hrnet.weights import save_checkpoint
+from helpers import stop_rank_and_expect_one_line, worker_pid
 from test_data import make_bad_corpus
 from test_predict import CROP, FAST, MODEL, model_and_photos
 
@@ -152,3 +157,38 @@ def test_a_folder_of_empty_files_says_how_many_were_found_and_empty(tmp_path, ca
                  "--input-size", "64", "--workers", "0", "-q"]) == 1
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == "hrnet: error: no image could be evaluated: 2001 files found, 2000 empty, 1 unreadable"
+
+
+def _open_under(pid: int, root: Path) -> bool:
+    """Whether process ``pid`` has a file under ``root`` open now."""
+    try:
+        return any(os.readlink(fd).startswith(str(root)) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_a_torchrun_eval_within_the_timeout(setup, tmp_path):
+    """Issue 18: a SIGSTOPped rank, stopped while it decodes its share, ends a 2-process eval within
+    the collective timeout, in one line naming it, instead of PyTorch's 30 minutes."""
+    data = tmp_path / "val" / imagenet_wnids()[7]
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(40):  # large enough that decoding one keeps it open for milliseconds
+        Image.fromarray(rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)).save(data / f"{i:02d}.jpg", quality=90)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
+           "HRNET_COLLECTIVE_TIMEOUT_S": "5"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--shutdown-timeout", "5", "-m", "hrnet", "eval", MODEL, "--checkpoint", str(setup[1]), "--data",
+                             str(tmp_path / "val"), "--batch-size", "1", *FAST], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    rank1 = None
+    while rank1 is None or not _open_under(rank1, data):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        try:
+            rank1 = rank1 or worker_pid(proc.pid, 1)
+        except AssertionError:  # not started yet
+            time.sleep(0.05)
+        time.sleep(0.002)
+    stop_rank_and_expect_one_line(proc, 1, timeout_s=5)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_limited
+from helpers import run_limited, stop_rank_and_expect_one_line
 from hrnet.cli import main
 from hrnet.inference.batch import part_path
 from hrnet.inference.predict import predict
@@ -124,7 +124,7 @@ def test_a_run_killed_mid_way_resumes_to_every_file_once(setup, tmp_path, capsys
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        assert proc.poll() is None and time.monotonic() < deadline, (proc.stderr or proc.stdout).read()
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -229,7 +229,7 @@ def _start(ckpt: Path, inputs: list[str], out: Path, *extra: str) -> subprocess.
 
 def _wait_for_lines(out: Path, proc: subprocess.Popen, lines: int, deadline: float) -> None:
     while not (out.exists() and out.read_bytes().count(b"\n") >= lines):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        assert proc.poll() is None and time.monotonic() < deadline, (proc.stderr or proc.stdout).read()
         time.sleep(0.01)
 
 
@@ -281,3 +281,31 @@ def test_concurrent_resumes_never_lose_or_double_a_record(setup, tmp_path):
         assert err.startswith("hrnet: error: ") and "another hrnet predict --output" in err and err.count("\n") == 1
     assert len(refused) <= 1
     assert_same_records(read_lines(out), full)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_a_torchrun_run_within_the_timeout_and_resume_keeps_what_was_written(
+        setup, tmp_path, capsys):
+    """Issue 18: rank 0 waited for rank 1's 'done' marker for ever. A SIGSTOPped rank 1 now ends the job
+    within the collective timeout in one line naming it; every record written before is kept, and
+    --resume in one process writes the rest, each input once."""
+    ckpt, inputs, _ = setup
+    many = tmp_path / "many"
+    for i in range(6):
+        shutil.copytree(Path(inputs[0]), many / f"copy{i}")
+    full = predict(MODEL, [str(many)], checkpoint=ckpt, input_size=CROP, workers=0)
+    out = tmp_path / "preds.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--shutdown-timeout", "5", "-m", "hrnet",
+                             *argv(ckpt, [str(many)], out, "--batch-size", "1")],
+                            env={**ENV, "HRNET_COLLECTIVE_TIMEOUT_S": "5"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_lines(part_path(out, 1, 2), proc, 2, time.monotonic() + 120)
+    out_text = stop_rank_and_expect_one_line(proc, 1, timeout_s=5)
+    assert f"{out}: waiting for the other ranks' records" in out_text
+    finished = sum(p.read_bytes().count(b"\n") for p in (part_path(out, 0, 2), part_path(out, 1, 2)))
+    assert 2 < finished < len(full)
+    assert main(argv(ckpt, [str(many)], out, "--resume", "--json")) == 0
+    assert summary(capsys)["skipped"] == finished  # nothing written before the stop is redone
+    assert_same_records(read_lines(out), full)
+    assert sorted(os.listdir(tmp_path)) == ["many", "preds.jsonl"]

@@ -23,7 +23,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -112,6 +112,7 @@ def collective_timeout(timeout_s: float | None = None) -> float:
 
 class _State:
     timeout_s = DEFAULT_TIMEOUT_S
+    knob = f"${TIMEOUT_ENV}"  # where the user sets the timeout, for the error message
     beat: _Heartbeat | None = None
     broken = False  # a collective failed: the group cannot be torn down cleanly any more
 
@@ -136,14 +137,16 @@ class _Heartbeat(threading.Thread):
                 return
             self.stop.wait(BEAT_S)
 
+    def counts(self) -> list[int]:
+        """Every rank's counter now (raises when the store is gone)."""
+        return [int(self.store.add(f"{self.prefix}{r}", 0)) for r in range(self.world_size)]
+
     def silent_ranks(self) -> list[int] | None:
         """The other ranks whose counters did not move for 2.5 beats (None: the store cannot say)."""
         try:
-            def read() -> list[int]:
-                return [int(self.store.add(f"{self.prefix}{r}", 0)) for r in range(self.world_size)]
-            before = read()
+            before = self.counts()
             time.sleep(2.5 * BEAT_S)
-            after = read()
+            after = self.counts()
         except Exception:
             return None
         return [r for r in range(self.world_size) if r != self.rank and before[r] == after[r]]
@@ -178,6 +181,8 @@ def init_distributed(device: str | None = None, timeout_s: float | None = None) 
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         _State.timeout_s = collective_timeout(timeout_s)
+        if timeout_s is not None:
+            _State.knob = f"train.collective_timeout_s or ${TIMEOUT_ENV}"
         timeout = timedelta(seconds=_State.timeout_s)
         with guard("joining the process group"):
             store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
@@ -214,20 +219,48 @@ def guard(what: str) -> Iterator[None]:
     except RuntimeError as e:
         if not _is_collective_failure(e):
             raise
-        _State.broken = True
-        me = int(os.environ.get("RANK", "0"))
         silent = _State.beat.silent_ranks() if _State.beat else None
         if silent:
-            killed = _State.beat.end_local(silent)
-            who = ", ".join(f"rank {r}" for r in silent) + " stopped answering (died or hung)" + \
-                (f"; ended {', '.join(f'rank {r}' for r in killed)} on this host" if killed else "")
+            who = None
         elif silent is None:
             who = "another rank stopped answering or broke its connection"
         else:
             who = "every rank is alive, one is slower than the timeout"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CollectiveError(f"rank {me}: {what} failed after at most {_State.timeout_s:g} s: {who}; the job "
-                              f"stops ({first}); the wait is train.collective_timeout_s or ${TIMEOUT_ENV}") from None
+        raise _failed(what, silent, who, f" ({first})") from None
+
+
+def _failed(what: str, silent: list[int] | None, who: str | None, cause: str = "") -> CollectiveError:
+    """The one-line error of a failed wait; the ``silent`` ranks on this host are killed (a stopped process
+    ignores torchrun's SIGTERM for its whole shutdown grace) and the group is marked broken."""
+    _State.broken = True
+    if silent:
+        killed = _State.beat.end_local(silent) if _State.beat else []
+        who = ", ".join(f"rank {r}" for r in silent) + " stopped answering (died or hung)" + \
+            (f"; ended {', '.join(f'rank {r}' for r in killed)} on this host" if killed else "")
+    me = int(os.environ.get("RANK", "0"))
+    return CollectiveError(f"rank {me}: {what} failed after at most {_State.timeout_s:g} s: {who}; the job "
+                           f"stops{cause}; the wait is {_State.knob}")
+
+
+def wait_for_ranks(pending: Callable[[], list[int]], what: str, poll_s: float = 0.2) -> None:
+    """Wait until ``pending()``, the ranks that have not yet done something (say, written a file), is
+    empty: however long a live rank takes (a slower machine is no failure), but a pending rank whose
+    heartbeat stands still for the collective timeout is a :class:`CollectiveError` naming it."""
+    beat, seen = _State.beat, {}  # rank -> (its counter, when it last moved)
+    while ranks := pending():
+        if beat is not None:
+            try:
+                counts = beat.counts()
+            except Exception:
+                raise _failed(what, None, "the rendezvous store is gone (the job is ending)") from None
+            now = time.monotonic()
+            for r in ranks:
+                if seen.get(r, (None,))[0] != counts[r]:
+                    seen[r] = (counts[r], now)
+            if silent := [r for r in ranks if now - seen[r][1] >= _State.timeout_s]:
+                raise _failed(what, silent, None)
+        time.sleep(poll_s)
 
 
 def _active() -> bool:

@@ -21,16 +21,15 @@ import hashlib
 import itertools
 import json
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
-from ..distributed import all_gather_objects, barrier, init_distributed
+from ..distributed import all_gather_objects, barrier, init_distributed, wait_for_ranks
 from ..errors import HRNetError, UsageError
-from ..fileio import LockedError, atomic_write, exclusive_lock
+from ..fileio import LockedError, atomic_write, display_path, exclusive_lock
 from ..deploy.engine import Classifier, PathLike, check_topk
 from .predict import expand_inputs
 
@@ -262,8 +261,10 @@ def _predict_locked(model_or_name, build: dict, inputs, output: Path, info, *, r
 
 def _finish_rank(output: Path, rank: int, world_size: int, summary: dict) -> dict:
     """Say this rank's part is complete with a marker file; rank 0 waits for every marker and returns the
-    job's totals. Files rather than a collective, which would time out (NCCL after 10 minutes) when one
-    machine finishes its share later than the others."""
+    job's totals. Files rather than a collective, which would time out when one machine finishes its
+    share later than the others; the wait still ends, in one line naming the rank, when a rank that
+    has not finished stops beating (:func:`~hrnet.distributed.wait_for_ranks`). Its part keeps every
+    record it finished, for ``--resume``."""
     def marker(r: int) -> Path:
         return Path(f"{os.fspath(output)}.done-{r:05d}-of-{world_size:05d}")
 
@@ -271,9 +272,9 @@ def _finish_rank(output: Path, rank: int, world_size: int, summary: dict) -> dic
     if rank:
         return summary
     totals = dict(summary, done=0, errors=0)
+    wait_for_ranks(lambda: [r for r in range(world_size) if not marker(r).exists()],
+                   f"{display_path(output)}: waiting for the other ranks' records")
     for r in range(world_size):
-        while not marker(r).exists():
-            time.sleep(0.2)
         part = json.loads(marker(r).read_text())
         totals["done"] += part["done"]
         totals["errors"] += part["errors"]
