@@ -55,6 +55,27 @@ def test_bench_command_reports_every_key_per_backend(capsys):
         assert 50 < r["peak_rss_mb"] < 8000
 
 
+@pytest.mark.slow
+def test_bench_times_at_the_size_a_checkpoint_or_onnx_file_carries(tmp_path, capsys):
+    """A checkpoint trained at 48 px was timed at 224 unless --input-size was given, and an ONNX file's
+    own size was timed but the header said 224x224."""
+    from dataclasses import replace
+
+    model = create_model("hrnet-w18-small")
+    model.eval_cfg = replace(model.eval_cfg, input_size=48, resize_size=55)
+    ckpt = save_checkpoint(model, tmp_path / "w.safetensors")
+    fast = ["--batch-size", "1", "--iters", "1", "--warmup", "0"]
+    assert main(["bench", "hrnet-w18-small", "--checkpoint", str(ckpt), "--backend", "eager", *fast, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["input_size"] == [48, 48]
+    assert main(["bench", "hrnet-w18-small", "--checkpoint", str(ckpt), "--backend", "eager", *fast,
+                 "--input-size", "40", "56", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["input_size"] == [40, 56]  # an explicit size wins
+    onnx_file = tmp_path / "m.onnx"
+    assert main(["export", "hrnet-w18-small", "--checkpoint", str(ckpt), "-o", str(onnx_file), "-q"]) == 0
+    assert main(["bench", "hrnet-w18-small", "--checkpoint", str(onnx_file), *fast, "-q"]) == 0
+    assert "batch 1, input 48x48" in capsys.readouterr().out
+
+
 def test_export_onto_its_own_checkpoint_is_refused_and_the_checkpoint_kept(tmp_path, capsys, monkeypatch):
     """Issue 22: ``-o`` naming the checkpoint (here as ``./w.safetensors`` against ``w.safetensors``)
     replaced the user's weights with an ONNX file."""

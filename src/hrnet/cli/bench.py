@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="default 1")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads per backend (default: the backend's own choice)")
-    add_input_size_arg(p, "input size (default 224 224)", default=(224, 224))
+    add_input_size_arg(p, "input size (default: the checkpoint's evaluation size, else the model's, e.g. 224 224)")
     p.add_argument("--iters", type=positive_int, default=20, metavar="N", help="timed batches per backend (default 20)")
     p.add_argument("--warmup", type=nonnegative_int, default=3, metavar="N",
                    help="untimed batches before them (default 3)")
@@ -75,7 +75,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = []
     for backend in tqdm(backends, desc="backends", disable=not show_progress(args)):
         results.append(bench(args.name, backend, checkpoint=args.checkpoint, batch_size=args.batch_size,
-                             input_size=tuple(args.input_size), threads=args.threads, iters=args.iters,
+                             input_size=args.input_size and tuple(args.input_size), threads=args.threads,
+                             iters=args.iters,
                              warmup=args.warmup, precision=args.precision, device=device,
                              compile_mode=args.compile_mode))
     if args.json:
@@ -86,7 +87,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = [[r.label, f"{r.images_per_s:.2f}", f"{r.images_per_s / base:.2f}x", f"{r.latency_ms_p50:.1f}",
              f"{r.latency_ms_p90:.1f}", "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}", f"{r.setup_s:.1f}"]
             + ([f"{r.peak_gpu_mb:.0f}"] if gpu else []) for r in results]
-    print(f"{args.name} on {device}, batch {args.batch_size}, input {args.input_size[0]}x{args.input_size[1]}")
+    h, w = results[0].input_size
+    print(f"{args.name} on {device}, batch {args.batch_size}, input {h}x{w}")
     print(format_table(rows, ["backend", "images/s", f"vs {results[0].label}", "p50 ms", "p90 ms",
                               "peak RSS MiB", "setup s"] + (["peak GPU MiB"] if gpu else [])))
     return 0

@@ -40,6 +40,7 @@ class BenchResult:
     device: str = "cpu"
     peak_gpu_mb: float | None = None  # on a GPU: torch.cuda.max_memory_allocated after the warm-up reset
     compile_mode: str | None = None  # the compile backend's torch.compile mode, when one was named
+    input_size: tuple[int, int] | None = None  # the image size timed (H, W)
 
     @property
     def label(self) -> str:
@@ -104,7 +105,7 @@ def summarize(backend: str, batch_size: int, times: list[float], setup_s: float,
                        peak_rss_mb=rss, setup_s=setup_s, precision=precision, **extra)
 
 
-def check_options(*, batch_size: int, input_size: tuple[int, int], threads: int | None, iters: int,
+def check_options(*, batch_size: int, input_size: tuple[int, int] | None, threads: int | None, iters: int,
                   warmup: int) -> None:
     """UsageError naming the first option out of range: a measurement of zero batches or images
     has no rate, and a zero or negative side or thread count fails deep inside a backend."""
@@ -115,14 +116,15 @@ def check_options(*, batch_size: int, input_size: tuple[int, int], threads: int 
     for name, ok, value in [("batch_size", at_least(1, batch_size), batch_size), ("iters", at_least(1, iters), iters),
                             ("warmup", at_least(0, warmup), warmup),
                             ("threads", threads is None or at_least(1, threads), threads),
-                            ("input_size", len(sides) == 2 and all(at_least(1, v) for v in sides), input_size)]:
+                            ("input_size", input_size is None or len(sides) == 2 and all(at_least(1, v) for v in sides),
+                             input_size)]:
         if not ok:
             raise UsageError(f"{name} out of range: {repr(value):.60} (sizes and counts are positive integers; "
                              "warmup may be 0)")
 
 
 def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_size: int = 1,
-               input_size: tuple[int, int] = (224, 224), threads: int | None = None, iters: int = 20,
+               input_size: tuple[int, int] | None = None, threads: int | None = None, iters: int = 20,
                warmup: int = 3, onnx: str | None = None, precision: str | None = None, device: str = "cpu",
                compile_mode: str | None = None) -> BenchResult:
     """Measure one backend at ``precision`` (default fp32) on ``device`` in this process (see
@@ -130,7 +132,8 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
     model's throughput, not the copy's) and ``peak_gpu_mb`` is the GPU memory after the warm-up.
 
     Without ``checkpoint`` the model keeps its random initialisation: the weights' values do not
-    change the amount of work. ``onnx``: serve this exported or quantized file (onnxruntime backend)
+    change the amount of work. ``input_size`` defaults to the model's evaluation size (the one a
+    trained checkpoint carries, else the record's). ``onnx``: serve this exported or quantized file (onnxruntime backend)
     instead of exporting here, as a deployment would; ``precision`` then checks the file's, and its
     recorded input size replaces ``input_size`` (an ``hrnet optimize`` directory: what it chose). Out-of-range counts or sizes raise UsageError before
     anything is built.
@@ -146,6 +149,7 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
         input_size = (clf.transform.input_size,) * 2
     else:
         model = create_model(name, checkpoint=checkpoint).eval()
+        input_size = tuple(input_size or (model.eval_cfg.input_size,) * 2)
         clf = Classifier.build(model, device=device, backend=backend, precision=precision, threads=threads,
                                graph_size=tuple(input_size), compile_mode=compile_mode)
         del model
@@ -161,7 +165,7 @@ def bench_here(name: str, backend: str, *, checkpoint: str | None = None, batch_
     resettable = reset_peak_rss()
     times = time_calls(lambda: run(x), iters, warmup, device)
     return summarize(backend, batch_size, times, setup_s, peak_rss_mb() if resettable else None, precision,
-                     device=device, compile_mode=compile_mode,
+                     device=device, compile_mode=compile_mode, input_size=tuple(input_size),
                      peak_gpu_mb=torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None)
 
 
@@ -210,8 +214,8 @@ def bench(name: str, backend: str, **kwargs) -> BenchResult:
             from .export import export_onnx
 
             model = create_model(name, checkpoint=kwargs.get("checkpoint")).eval()
-            kwargs["onnx"] = str(export_onnx(model, Path(tmp) / "model.onnx", check=False,
-                                             input_size=kwargs.get("input_size", (224, 224))))
+            size = kwargs.get("input_size") or (model.eval_cfg.input_size,) * 2
+            kwargs["onnx"] = str(export_onnx(model, Path(tmp) / "model.onnx", check=False, input_size=size))
         export_s = time.perf_counter() - start
         job = json.dumps({"name": name, "backend": backend, **kwargs})
         proc = subprocess.run([sys.executable, "-m", "hrnet.deploy.bench", job], capture_output=True, text=True)
@@ -219,7 +223,7 @@ def bench(name: str, backend: str, **kwargs) -> BenchResult:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
         raise HRNetError(f"benchmark of {name} with backend {backend} failed: {lines[-1]}")
     result = BenchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
-    return replace(result, setup_s=result.setup_s + export_s)
+    return replace(result, setup_s=result.setup_s + export_s, input_size=tuple(result.input_size))
 
 
 def _main() -> int:
