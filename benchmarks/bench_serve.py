@@ -117,6 +117,13 @@ def rss_mb(pid: int) -> float:
 
 
 def start(args, tmp: Path) -> tuple[subprocess.Popen, int]:
+    """``hrnet serve`` on a free port of 127.0.0.1, once it is ready; without ``args.checkpoint``, on the
+    model's random initialisation saved in ``tmp`` (the amount of work does not depend on the weights'
+    values, and this machine cannot download the published ones)."""
+    if not args.checkpoint:
+        from hrnet import create_model, save_checkpoint
+
+        args.checkpoint = str(save_checkpoint(create_model(args.model).eval(), tmp / "random.safetensors"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -157,10 +164,6 @@ def main() -> None:
     size = args.input_size or 224
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if not args.checkpoint:  # random weights: the amount of work does not depend on their values
-            from hrnet import create_model, save_checkpoint
-
-            args.checkpoint = str(save_checkpoint(create_model(args.model).eval(), tmp / "random.safetensors"))
         proc, port = start(args, tmp)
         try:
             asyncio.run(load(port, 4, 5, lambda i: good))  # warm-up

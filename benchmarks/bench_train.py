@@ -84,12 +84,17 @@ def overrides(args: argparse.Namespace, train_dir: str, run_dir: str) -> list[st
             "schedule.warmup_epochs=0", "output.log_every=10", f"output.dir={run_dir}"]
 
 
-def trainer_in(src: Path, args: argparse.Namespace, train_dir: str, run_dir: str) -> tuple[float, float]:
-    """:func:`trainer` in a fresh interpreter importing hrnet from ``src`` (another checkout's, or this one's)."""
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    cmd = [sys.executable, __file__, "--worker", json.dumps(overrides(args, train_dir, run_dir))]
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return tuple(json.loads(out.strip().splitlines()[-1]))
+def trainer_in(checkout: Path, args: argparse.Namespace, train_dir: str, run_dir: str) -> tuple[float, float]:
+    """:func:`trainer` in a fresh interpreter importing hrnet from ``checkout/src`` (another checkout's, or
+    this one's), on that checkout's digits recipe (older ones kept it in ``configs/``, not in the package)."""
+    old_recipe = checkout / "configs" / f"{RECIPE}.yaml"
+    recipe = str(old_recipe) if old_recipe.is_file() else RECIPE
+    env = {**os.environ, "PYTHONPATH": str(checkout / "src")}
+    cmd = [sys.executable, __file__, "--worker", json.dumps([recipe, overrides(args, train_dir, run_dir)])]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"the trainer of {checkout} failed:\n{proc.stderr[-3000:]}")
+    return tuple(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", metavar="OVERRIDES", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:  # one trainer measurement, for --against
-        print(json.dumps(trainer(load_config(RECIPE, json.loads(args.worker)))))
+        recipe, settings = json.loads(args.worker)
+        print(json.dumps(trainer(load_config(recipe, settings))))
         return 0
-    here = Path(__file__).resolve().parent.parent / "src"
+    here = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
         train_dir, _ = write_digits(Path(tmp) / "digits", size=args.input_size)
         plain, ours, before = [], [], []
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             plain.append(plain_loop(cfg))
             if args.against:
                 ips, extra = trainer_in(here, args, train_dir, f"{tmp}/ours{r}")
-                before.append(trainer_in(args.against.resolve() / "src", args, train_dir, f"{tmp}/before{r}")[0])
+                before.append(trainer_in(args.against.resolve(), args, train_dir, f"{tmp}/before{r}")[0])
             else:
                 ips, extra = trainer(cfg)
             ours.append(ips)
