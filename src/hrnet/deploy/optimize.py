@@ -189,18 +189,21 @@ def _build(backend: str, precision: str, model: nn.Module, files: dict[str, Path
 
 def _time(built: dict[str, Classifier], measured: dict[str, Measured], size: int, batch_sizes: list[int], *,
           rounds: int, iters: int, warmup: int, progress: bool) -> None:
-    """Time every built candidate in ``rounds`` alternating rounds (rotated order) at each batch size."""
+    """Time every built candidate in ``rounds`` alternating rounds (rotated order), one batch size after
+    the other. Each visit starts with an untimed call: the runtime timed before leaves threads spinning
+    and caches cold (onnxruntime's threads spin after a run; its batch-1 session is another pool than
+    its batched one), which cost up to half the throughput of a small model's first calls."""
     labels = list(built)
     times = {(label, b): [] for label in labels for b in batch_sizes}
-    inputs = {b: torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(b)) for b in batch_sizes}
-    with tqdm(total=rounds * len(labels), desc="time", unit="run", disable=not progress, dynamic_ncols=True) as bar:
-        for r in range(rounds):
-            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-                run = built[label].runner
-                for b in batch_sizes:
-                    x = inputs[b]
-                    times[label, b] += time_calls(lambda: run(x), iters, warmup if r == 0 else 0)
-                bar.update(1)
+    with tqdm(total=rounds * len(labels) * len(batch_sizes), desc="time", unit="run", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for b in batch_sizes:
+            x = torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(b))
+            for r in range(rounds):
+                for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                    run = built[label].runner
+                    times[label, b] += time_calls(lambda: run(x), iters, warmup if r == 0 else 1)
+                    bar.update(1)
     for label in labels:
         m = measured[label]
         m.speed = {str(b): asdict(summarize(m.backend, b, times[label, b], m.setup_s, None, m.precision))
