@@ -15,7 +15,8 @@ Agreement with fp32 eager (``hrnet.deploy.compare``):
 
 Runs are named in two dicts, speed_runners() (name -> factory) and agreement_runs() (name -> run spec
 for ``hrnet compare``): bf16 is ``make_runner(..., precision="bf16")`` on the fused and compiled
-backends, int8 the ``hrnet quantize`` file.
+backends, int8 the ``hrnet quantize`` file; with ``hrnet[openvino]`` installed, OpenVINO's fp32, int8 (the
+same file) and bf16 are timed too.
 
     python benchmarks/bench_precision.py --digits-run runs/digits          # hrnet-w18
     python benchmarks/bench_precision.py --model hrnet-w48 --rounds 3
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import sys
 import tempfile
@@ -65,17 +67,32 @@ def photos() -> list[str]:
 
 
 def speed_runners(calib: list[str], calib_images: int) -> dict[str, Callable[[str, Path], Runner]]:
-    """name -> factory(model name, temp dir) of every runner timed."""
-    return {
+    """name -> factory(model name, temp dir) of every runner timed; OpenVINO's where ``hrnet[openvino]``
+    is installed (int8 on the same ``hrnet quantize`` file as onnxruntime's)."""
+    def int8_file(name: str, tmp: Path) -> Path:
+        path = tmp / f"{name}.int8.onnx"
+        return path if path.exists() else quantize_onnx(create_model(name).eval(), calib, path, num_images=calib_images)
+
+    runners = {
         "timm-eager": lambda name, tmp: serve(name, "timm-eager", None),
         BASELINE: lambda name, tmp: serve(name, BASELINE, timm_onnx(name, tmp)),
         "onnxruntime": lambda name, tmp: make_runner(create_model(name).eval(), "onnxruntime", input_size=SIZE),
-        "int8": lambda name, tmp: OnnxRuntimeRunner(
-            quantize_onnx(create_model(name).eval(), calib, tmp / f"{name}.int8.onnx", num_images=calib_images)),
+        "int8": lambda name, tmp: OnnxRuntimeRunner(int8_file(name, tmp)),
         "fused:bf16": lambda name, tmp: make_runner(create_model(name).eval(), "fused", precision="bf16"),
         "compile:bf16": lambda name, tmp: make_runner(create_model(name).eval(), "compile", precision="bf16",
                                                       input_size=SIZE),
     }
+    if importlib.util.find_spec("openvino") is not None:
+        from hrnet.deploy.engine import Classifier
+
+        runners |= {
+            "openvino:fp32": lambda name, tmp: make_runner(create_model(name).eval(), "openvino", input_size=SIZE),
+            "openvino:int8": lambda name, tmp: Classifier.build(name, checkpoint=int8_file(name, tmp),
+                                                                backend="openvino").runner,
+            "openvino:bf16": lambda name, tmp: make_runner(create_model(name).eval(), "openvino", precision="bf16",
+                                                           input_size=SIZE),
+        }
+    return runners
 
 
 def agreement_runs(int8: Path) -> dict[str, str]:
