@@ -43,6 +43,7 @@ def test_zoo_model_names_are_imagenets_and_a_model_without_names_gives_indices()
         zoo.reset_classifier(3, NAMES[:2])
 
 
+@pytest.mark.slow
 def test_names_round_trip_through_hrnets_file_and_hub_directory(tmp_path):
     model = three_class_model()
     save_checkpoint(model, tmp_path / "m.safetensors")
@@ -123,6 +124,7 @@ def test_a_hub_config_with_hostile_label_names_is_refused(tmp_path):
         load_checkpoint(tmp_path / "t")
 
 
+@pytest.mark.slow
 def test_class_names_travel_into_onnx_and_back(tmp_path):
     import onnx
 

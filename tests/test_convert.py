@@ -30,6 +30,7 @@ def x() -> torch.Tensor:
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
 
 
+@pytest.mark.slow
 def test_convert_official_then_load_gives_identical_logits(tmp_path, x, reference, capsys):
     src, dst = tmp_path / "official.pth", tmp_path / "converted.safetensors"
     torch.save({"state_dict": reference.state_dict()}, src)
@@ -82,6 +83,7 @@ def test_convert_refuses_to_overwrite_its_own_input_by_any_name(tmp_path, capsys
     assert src.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_readers_pick_the_container_from_the_bytes_and_writers_never_misname_one(tmp_path, x, capsys):
     model = randomize(create_model(SMALL), seed=9)
     torch.save(model.state_dict(), tmp_path / "zip.safetensors")  # a torch zip under a safetensors name

@@ -164,6 +164,7 @@ def test_every_command_line_in_the_docs_parses_with_the_real_cli():
         f"{len(found)} command lines; commands no page shows: {sorted(set(subcommands(parser)) - used)}"
 
 
+@pytest.mark.slow
 def test_the_site_builds_with_mkdocs_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[docs]')")
     pytest.importorskip("material", reason="mkdocs-material is not installed (pip install -e '.[docs]')")

@@ -39,6 +39,7 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
+@pytest.mark.slow
 def test_pretrained_downloads_verifies_and_reuses_the_cache(server, home, weights):
     data, sha, model = weights
     name = f"hrnet_w18_small-{sha[:8]}.safetensors"
@@ -56,6 +57,7 @@ def test_pretrained_downloads_verifies_and_reuses_the_cache(server, home, weight
     assert server.requests == [f"/v0/{name}"]  # the second load never asked the server
 
 
+@pytest.mark.slow
 def test_checkpoint_url_is_cached_and_hash_checked(server, home, weights):
     data, sha, model = weights
     server.files[f"/x/w-{sha[:10]}.safetensors"] = data
@@ -65,6 +67,7 @@ def test_checkpoint_url_is_cached_and_hash_checked(server, home, weights):
     assert len(server.requests) == 1 and download.cache_path(url).is_file()
 
 
+@pytest.mark.slow
 def test_concurrent_fetches_download_once(server, home, weights):
     # torchrun ranks that all ask for pretrained weights: one downloads, the others wait for it.
     data, sha, _ = weights
@@ -92,6 +95,7 @@ def test_hash_mismatch_is_rejected_and_nothing_cached(server, home, weights):
     assert not home.exists() or not any(home.iterdir())
 
 
+@pytest.mark.slow
 def test_connection_dropped_mid_file_caches_nothing(server, home, weights):
     data, _, model = weights
     server.files["/w.safetensors"] = data  # no hash in the name: only the length can tell
@@ -101,6 +105,7 @@ def test_connection_dropped_mid_file_caches_nothing(server, home, weights):
     assert same_weights(create_model(SMALL, checkpoint=f"{server.url}/w.safetensors"), model)  # a retry works
 
 
+@pytest.mark.slow
 def test_mirror_url_and_directory_serve_the_same_file_names(server, home, weights, tmp_path, monkeypatch):
     data, sha, model = weights
     name = f"hrnet_w18_small-{sha[:8]}.safetensors"
@@ -124,6 +129,7 @@ def test_mirror_url_and_directory_serve_the_same_file_names(server, home, weight
     assert same_weights(second, model) and len(server.requests) == 1
 
 
+@pytest.mark.slow
 def test_offline_never_touches_the_network(server, home, weights, monkeypatch):
     data, sha, model = weights
     name = f"w-{sha[:8]}.safetensors"
@@ -174,6 +180,7 @@ def _other_weights(tmp_path: Path) -> bytes:
     return save_checkpoint(create_model(SMALL), tmp_path / "other.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_one_file_name_at_two_urls_is_two_entries_each_checked_on_reuse(server, home, weights, tmp_path, capsys):
     # issue 22 §2: the cache was keyed by file name, so teamB got teamA's weights (this fails on that code)
     from hrnet.cli import main
@@ -197,6 +204,7 @@ def test_one_file_name_at_two_urls_is_two_entries_each_checked_on_reuse(server, 
     assert server.requests.count("/teamA/model.safetensors") == 2
 
 
+@pytest.mark.slow
 def test_a_hash_named_entry_with_a_rewritten_record_is_still_verified(server, home, weights, tmp_path):
     data, sha, _ = weights
     url = f"{server.url}/h/w-{sha[:8]}.safetensors"
@@ -211,6 +219,7 @@ def test_a_hash_named_entry_with_a_rewritten_record_is_still_verified(server, ho
     assert len(server.requests) == 2
 
 
+@pytest.mark.slow
 def test_two_processes_sharing_a_home_each_get_their_own_urls_bytes(server, home, weights, tmp_path):
     data_a, _, _ = weights
     data_b = _other_weights(tmp_path)

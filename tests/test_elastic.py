@@ -81,6 +81,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 # ---- --resume auto and half-written checkpoints ------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_auto_starts_then_continues_and_a_restart_implies_it(tmp_path, digits, monkeypatch):
     cfg = load_config(recipe(tmp_path, digits, "auto"))
     first = train(cfg, resume="auto", quiet=True)  # nothing to resume: starts
@@ -95,6 +96,7 @@ def test_resume_auto_starts_then_continues_and_a_restart_implies_it(tmp_path, di
     assert [r["restart"] for r in log_records(tmp_path / "auto") if r["kind"] == "resume"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_resume_auto_discards_an_attempt_that_left_no_checkpoint(tmp_path, digits):
     run = tmp_path / "early"
     run.mkdir()

@@ -144,6 +144,7 @@ def test_torchrun_two_processes_equal_one_on_an_odd_count(setup, tmp_path, capsy
     assert torch.distributed.is_available()
 
 
+@pytest.mark.slow
 def test_a_folder_of_empty_files_says_how_many_were_found_and_empty(tmp_path, capsys):
     """Issue 22: a folder of empty files said only "no image could be evaluated"."""
     model = create_model("w18-small", num_classes=2)  # two class folders, no names

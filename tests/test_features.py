@@ -134,6 +134,7 @@ def test_hrnetv2_indices_and_bad_requests():
 
 
 @pytest.mark.parametrize("location", ["", "incre"])
+@pytest.mark.slow
 def test_official_file_loads_into_timm_features_with_equal_maps_and_info(tmp_path, location):
     classifier = randomize(hrnet.create_model(SMALL), seed=41)
     path = write_checkpoint(classifier, tmp_path / "official.pth", format="official")
@@ -156,6 +157,7 @@ def test_official_file_loads_into_timm_features_with_equal_maps_and_info(tmp_pat
             assert rel_err(dense(x)[0], want) < 1e-5
 
 
+@pytest.mark.slow
 def test_backbone_only_file_loads_into_the_dense_extractor(tmp_path):
     classifier = randomize(hrnet.create_model(SMALL), seed=42)
     path = write_checkpoint(classifier, tmp_path / "backbone.pth", format="official", backbone_only=True)

@@ -177,6 +177,7 @@ def test_the_quiet_cases_cover_every_command():
 
 
 @pytest.mark.parametrize("command", sorted(QUIET_CASES))
+@pytest.mark.slow
 def test_quiet_through_a_pipe_prints_the_result_and_nothing_else(command, small, capfd):
     argv = [a.format(**small) for a in QUIET_CASES[command]] + ["--quiet"]
     code = main(argv)

@@ -91,6 +91,7 @@ COMMANDS = {
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.slow
 def test_every_command_runs_the_precision_asked_for(setup, seen, tmp_path, capsys, command, precision):
     code = main(COMMANDS[command](setup, precision, tmp_path))
     err = capsys.readouterr().err
@@ -131,6 +132,7 @@ def _api_calls(s: dict, tmp):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("call", ["predict", "predict_to_file", "evaluate", "bench", "serve"])
+@pytest.mark.slow
 def test_every_library_entry_point_runs_the_precision_asked_for(setup, seen, tmp_path, call, precision):
     _api_calls(setup, tmp_path)[call](precision)
     _ran(seen, precision)

@@ -249,6 +249,7 @@ def test_bench_refuses_onnxruntime_on_a_gpu_in_one_line(two_gpus):
         bench_module.bench("hrnet-w18-small", "onnxruntime", device="cuda")
 
 
+@pytest.mark.slow
 def test_bench_prints_the_device_defaults(capsys, no_gpu):
     code = main(["bench", "hrnet-w18-small", "--backend", "fused", "--input-size", "32", "32", "--iters", "1",
                  "--warmup", "0"])

@@ -201,6 +201,7 @@ def test_memory_bombs_are_refused_under_a_memory_limit(tmp_path):
 
 # --- 3. a timm training checkpoint --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_timm_training_checkpoint_with_argparse_namespace_loads_its_state_dict(tmp_path):
     reference = randomize(timm.create_model("hrnet_w18_small"))
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
@@ -230,6 +231,7 @@ def test_timm_training_checkpoint_with_argparse_namespace_loads_its_state_dict(t
 
 # --- 4. weights that would give silently wrong results ------------------------------------------------
 
+@pytest.mark.slow
 def test_nan_negative_variance_and_integer_weights_are_refused_by_name(tmp_path):
     model = create_model(SMALL).eval()
     cases = {
@@ -268,6 +270,7 @@ def _no_length(body: bytes):
     return handler
 
 
+@pytest.mark.slow
 def test_truncated_body_without_length_caches_nothing_and_unhashed_files_warn(server, home, small_weights, tmp_path):
     torch.save(create_model(SMALL).state_dict(), tmp_path / "w.pth")
     pth = (tmp_path / "w.pth").read_bytes()
@@ -302,6 +305,7 @@ def test_oversized_and_endless_bodies_are_cut_and_refused(server, home, monkeypa
     assert not home.exists() or not any(home.iterdir())
 
 
+@pytest.mark.slow
 def test_trickling_server_fails_within_the_stall_window(server, home, monkeypatch):
     monkeypatch.setattr(download, "STALL_WINDOW", 1.0)
     monkeypatch.setattr(download, "MIN_RATE", 1024)

@@ -23,13 +23,19 @@ SEED_EXACT = {
     "hrnet-w64": (128_056_104, 29_002_298_752),
 }
 ALL = hrnet.list_models()
+FAST = {"hrnet-w18", "hrnet-w18-small", "hrnet-w18-small-v2"}  # what the fast tier (make test-fast) covers
+
+
+def tiered(names: list[str]) -> list:
+    """``names`` as parameters, the wider models marked slow: the fast tier keeps the W18 family."""
+    return [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
 def test_list_models_is_the_seed_table_then_the_small_variants():
     assert ALL == [*SEED_EXACT, "hrnet-w18-ssld", "hrnet-w48-ssld", "hrnet-w18-small", "hrnet-w18-small-v2"]
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", tiered(ALL))
 def test_forward_backward_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = hrnet.create_model(name, num_classes=7)
@@ -44,7 +50,7 @@ def test_forward_backward_every_parameter_gets_a_gradient(name):
     assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 2048)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", tiered(ALL))
 @pytest.mark.parametrize("location", ["incre", ""])
 def test_features_only_outputs_agree_with_feature_info(name, location):
     model = hrnet.create_model(name, features_only=True, out_indices=(0, 1, 2, 3, 4), feature_location=location)
@@ -75,7 +81,7 @@ def test_out_indices_select_and_order_the_features():
         hrnet.create_model("hrnet-w18", features_only=True, out_indices=(5,))
 
 
-@pytest.mark.parametrize("name", list(SEED_EXACT))
+@pytest.mark.parametrize("name", tiered(list(SEED_EXACT)))
 def test_params_and_flops_equal_the_seed_exact_integers(name):
     model = hrnet.create_model(name)
     assert (count_params(model), count_flops(model)) == SEED_EXACT[name]
@@ -100,7 +106,9 @@ def test_small_variants_match_the_official_parameter_counts(name, official_m):
     assert round((count_params(hrnet.create_model(name)) + 3840) / 1e6, 1) == official_m
 
 
-@pytest.mark.parametrize("name,size", [("hrnet-w18", 224), ("hrnet-w32", 160), ("hrnet-w64", 128),
+@pytest.mark.parametrize("name,size", [pytest.param("hrnet-w18", 224, marks=pytest.mark.slow),
+                                       pytest.param("hrnet-w32", 160, marks=pytest.mark.slow),
+                                       pytest.param("hrnet-w64", 128, marks=pytest.mark.slow),
                                        ("hrnet-w18-small-v2", 160)])
 def test_logits_and_features_equal_timm(name, size):
     timm_name = resolve(name).aliases[-1] if "small" in name else resolve(name).aliases[1]

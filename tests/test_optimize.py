@@ -116,6 +116,7 @@ def run(tmp_path_factory):
     return {"root": root, "out": root / "out", "digits": digits, "model": model, "report": report, **seen}
 
 
+@pytest.mark.slow
 def test_calibration_never_sees_the_held_out_images(run):
     held = {f for f, _ in run["held"]}
     assert held and run["calib"] and not held & set(run["calib"])
@@ -143,6 +144,7 @@ def test_report_agreement_and_accuracy_are_computed(run):
     assert report["chosen"] == fastest["label"]
 
 
+@pytest.mark.slow
 def test_out_dir_holds_artefact_manifest_and_report(run):
     out, report = run["out"], run["report"]
     manifest, artefact, weights = read_manifest(out)
@@ -178,6 +180,7 @@ def _cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.slow
 def test_out_dir_runs_in_predict_eval_compare_and_bench(run, capsys):
     out, held = str(run["out"]), run["held"]
     direct = _direct_top1(run)

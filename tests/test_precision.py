@@ -52,6 +52,7 @@ def _decisive(logits: torch.Tensor) -> torch.Tensor:
     return (top2[:, 0] - top2[:, 1]) >= DECISIVE
 
 
+@pytest.mark.slow
 def test_bf16_fused_runs_bf16_convolutions_and_returns_float32(setup):
     model, _, photos, logits, _ = setup
     seen = []
@@ -80,6 +81,7 @@ def test_bf16_eager_autocasts_the_model_as_built(setup):
     assert out.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_bf16_compile_compiles_a_bf16_channels_last_model(setup, monkeypatch):
     model, _, photos, logits, _ = setup
     compiled = []
@@ -164,6 +166,7 @@ def test_serve_defaults_to_the_fused_backend_for_bf16(setup):
     assert got.dtype == torch.float32 and (got.argmax(1) == logits.argmax(1))[_decisive(logits)].all()
 
 
+@pytest.mark.slow
 def test_bench_runs_an_int8_file(setup, capsys):
     _, _, _, _, int8 = setup
     assert main(["bench", MODEL, "--checkpoint", str(int8), "--precision", "int8", "--iters", "1",
@@ -221,6 +224,7 @@ def test_bench_refuses_unavailable_combinations_in_one_line(args, message, capsy
     assert err.startswith("hrnet: error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_serve_runs_an_int8_file_and_refuses_grad_cam_for_it(setup, tmp_path):
     from test_serve import start_server
 

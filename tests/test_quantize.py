@@ -40,6 +40,7 @@ def metadata(path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
+@pytest.mark.slow
 def test_graph_has_qdq_nodes_and_int8_per_channel_weights_for_every_conv(setup):
     _, _, _, int8 = setup
     graph = onnx.load(str(int8)).graph
@@ -59,6 +60,7 @@ def test_graph_has_qdq_nodes_and_int8_per_channel_weights_for_every_conv(setup):
         assert act.op_type == "DequantizeLinear" and inits[act.input[2]].data_type == TensorProto.UINT8
 
 
+@pytest.mark.slow
 def test_metadata_is_the_export_metadata_plus_precision_and_calibration(setup, tmp_path):
     model, _, photos, int8 = setup
     fp32 = metadata(export_onnx(model, tmp_path / "fp32.onnx", input_size=(CROP, CROP), check=False))
@@ -69,6 +71,7 @@ def test_metadata_is_the_export_metadata_plus_precision_and_calibration(setup, t
     assert meta["hrnet.calibration.skipped"] == "0"
 
 
+@pytest.mark.slow
 def test_same_images_give_a_byte_identical_file(setup, tmp_path):
     model, _, photos, int8 = setup
     again = quantize_onnx(model, [str(p) for p in reversed(photos)], tmp_path / "again.onnx", input_size=CROP)
@@ -76,6 +79,7 @@ def test_same_images_give_a_byte_identical_file(setup, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["again.onnx"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_unreadable_calibration_files_are_skipped_and_counted(setup, tmp_path, capsys):
     _, ckpt, photos, _ = setup
     calib = tmp_path / "calib"
@@ -257,6 +261,7 @@ def test_compare_refuses_an_int8_file_of_another_model_as_predict_does(setup, tm
         assert err == f"hrnet: error: {message}\n", err
 
 
+@pytest.mark.slow
 def test_compare_of_two_onnx_files_builds_no_pytorch_model(setup, tmp_path, monkeypatch):
     """Issue 22: two .onnx runs need no PyTorch weights and download nothing."""
     import hrnet.builder

@@ -113,6 +113,7 @@ def test_the_split_is_per_class_reproducible_and_seeded(tmp_path):
     assert split_per_class(data, 0.15, seed=1)["val"] != a["val"]
 
 
+@pytest.mark.slow
 def test_data_dir_is_split_into_the_run_dir_and_resume_reuses_it(tmp_path, capsys):
     photos = make_photos(tmp_path / "photos", per_class=8)
     run = tmp_path / "run"
@@ -132,6 +133,7 @@ def test_data_dir_is_split_into_the_run_dir_and_resume_reuses_it(tmp_path, capsy
     assert sorted(val.relative(p) for p, _ in val.samples) == sorted(split["val"])
 
 
+@pytest.mark.slow
 def test_data_dir_with_train_and_val_folders_uses_them(tmp_path, capsys):
     make_photos(tmp_path / "pets" / "train")
     make_photos(tmp_path / "pets" / "val", classes=("cat", "dog"), per_class=2)  # a subset, labelled by name
@@ -155,6 +157,7 @@ def _checkpoint(path: Path, num_classes: int, names=None) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_checkpoint_gives_model_and_input_size_and_a_new_head_says_so(tmp_path, capsys):
     _checkpoint(tmp_path / "w.safetensors", 10)
     run = tmp_path / "run"
@@ -168,6 +171,7 @@ def test_checkpoint_gives_model_and_input_size_and_a_new_head_says_so(tmp_path, 
                      "the data's classes"]
 
 
+@pytest.mark.slow
 def test_a_head_whose_names_match_is_kept_mapped_by_name(tmp_path, capsys):
     start = _checkpoint(tmp_path / "w.safetensors", 3, names=("dog", "bird", "cat"))
     run = tmp_path / "run"
@@ -212,6 +216,7 @@ def _predictions(model, dataset) -> dict[str, tuple[int, int]]:
     return out
 
 
+@pytest.mark.slow
 def test_eval_of_a_subset_folder_equals_the_full_accuracy_restricted_to_it(tmp_path, capsys):
     full = make_photos(tmp_path / "full", classes=NAMES, per_class=4)
     run = tmp_path / "run"  # a model whose predictions depend on the image: 1 epoch on these digits

@@ -148,6 +148,7 @@ def test_interpolation_in_a_record_changes_the_transform():
         EvalConfig(interpolation="lanczos7")
 
 
+@pytest.mark.slow
 def test_weights_we_write_carry_their_evaluation_settings(tmp_path):
     model = randomize(create_model("hrnet-w18-small", num_classes=10))
     model.eval_cfg = EvalConfig(input_size=32, resize_size=36)

@@ -268,6 +268,7 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
     assert max(r["step"] for r in log_records(run)) == 2
 
 
+@pytest.mark.slow
 def test_nan_loss_is_skipped_when_the_config_says_so(tmp_path):
     cfg = tiny_config(tmp_path, "train.on_nonfinite=skip")
     trainer = Trainer(cfg, quiet=True, train_set=PoisonedAfter(range(8, 12)))
@@ -292,6 +293,7 @@ output: {{dir: {run}, log_every: 5}}
 """
 
 
+@pytest.mark.slow
 def test_short_digits_run_learns_exports_loadable_weights_and_plots(tmp_path, capsys):
     write_digits(tmp_path / "d", size=32, per_class=40)  # 320 training and 80 held-out real digits
     (tmp_path / "d" / "train" / "3" / "broken.png").write_bytes(b"")  # dropped from its batch, not fatal
@@ -339,6 +341,7 @@ def test_short_digits_run_learns_exports_loadable_weights_and_plots(tmp_path, ca
     ["train.amp=fp16", "train.clip_grad_norm=1.0"],
     ["train.ema_decay=0.5", "train.label_smoothing=0.1", "optim.name=adamw", "optim.lr=0.01"],
 ])
+@pytest.mark.slow
 def test_precision_and_regularisation_switches_train_to_finite_weights(tmp_path, switches):
     cfg = tiny_config(tmp_path, "data.batch_size=8", *switches)
     trainer = Trainer(cfg, quiet=True, train_set=PoisonedAfter(range(0)))

@@ -187,6 +187,7 @@ def test_a_second_training_in_a_locked_run_dir_fails_at_once(tmp_path, digits):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_never_overwritten_and_force_starts_afresh(tmp_path, digits, capsys):
     cfg, run = tiny_cfg(tmp_path, digits)
     assert cli(capsys, "train", str(cfg), "-q")[0] == 0
@@ -209,6 +210,7 @@ def test_a_finished_run_is_never_overwritten_and_force_starts_afresh(tmp_path, d
     assert (foreign / "thesis.tex").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_run_files_respect_the_umask(tmp_path, digits, capsys):
     cfg, run = tiny_cfg(tmp_path, digits)
     old = os.umask(0o022)
@@ -222,6 +224,7 @@ def test_run_files_respect_the_umask(tmp_path, digits, capsys):
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o644" for p in files}
 
 
+@pytest.mark.slow
 def test_torn_log_line_then_resume_with_more_epochs_and_plot(tmp_path, digits, capsys):
     cfg, run = tiny_cfg(tmp_path, digits)
     assert cli(capsys, "train", str(cfg), "-q")[0] == 0
@@ -240,6 +243,7 @@ def test_torn_log_line_then_resume_with_more_epochs_and_plot(tmp_path, digits, c
     assert load_config(run / "config.yaml").schedule.epochs == 2
 
 
+@pytest.mark.slow
 def test_the_run_directory_records_the_effective_recipe_after_set(tmp_path, digits, capsys):
     """Issue 22 §4: what --set changed (a merged mapping included) is what config.yaml says."""
     cfg, run = tiny_cfg(tmp_path, digits)
@@ -250,6 +254,7 @@ def test_the_run_directory_records_the_effective_recipe_after_set(tmp_path, digi
     assert recorded == load_config(cfg, ["optim={lr: 0.05, weight_decay: 0.001}", f"output.dir={run}"])
 
 
+@pytest.mark.slow
 def test_resume_refuses_recipe_changes_it_would_silently_ignore(tmp_path, digits, capsys):
     cfg, run = tiny_cfg(tmp_path, digits)
     assert cli(capsys, "train", str(cfg), "-q")[0] == 0
@@ -276,6 +281,7 @@ def test_resume_from_something_that_is_not_a_training_checkpoint(tmp_path, digit
         assert_one_line_error(rc, err, str(path), message, "pass --checkpoint PATH instead of --resume")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_holding_nan_or_inf_is_never_written(tmp_path, digits):
     cfg = load_config(tiny_cfg(tmp_path, digits)[0])
     trainer = Trainer(cfg, quiet=True)
@@ -341,6 +347,7 @@ def test_resume_from_a_fifo_is_refused_instead_of_waiting(tmp_path, digits):
 
 # ---- issue 11: the first hour ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_finetune_recipe_starts_offline_from_a_checkpoint_file(tmp_path, digits, capsys, monkeypatch):
     start = create_model("hrnet-w18-small", num_classes=10)
     weights = tmp_path / "mine.safetensors"

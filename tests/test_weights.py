@@ -83,6 +83,7 @@ def test_fine_tuned_checkpoint_brings_its_classifier_without_num_classes(tmp_pat
 
 
 @pytest.mark.parametrize("variant", ["plain", "state_dict+module", "model", "legacy", "safetensors"])
+@pytest.mark.slow
 def test_official_and_timm_files_match_timm_logits(tmp_path, x, timm_small, variant):
     sd = timm_small.state_dict()
     path = tmp_path / "weights.pth"  # the same name for every container: detection reads the bytes
@@ -212,6 +213,7 @@ def paddle_w18(tmp_path_factory) -> tuple[nn.Module, pathlib.Path]:
     return reference, path
 
 
+@pytest.mark.slow
 def test_paddle_pdparams_matches_timm_logits(tmp_path, x, paddle_w18):
     reference, path = paddle_w18
     expected = logits(reference, x)
@@ -232,6 +234,7 @@ def test_weights_of_another_width_are_refused_naming_that_width(paddle_w18, offi
         create_model("hrnet-w18-small-v2", checkpoint=official_file)
 
 
+@pytest.mark.slow
 def test_key_mismatch_names_missing_unexpected_and_misshaped_keys(tmp_path, timm_small):
     sd = dict(timm_small.state_dict())
     del sd["layer1.0.bn2.running_var"]

@@ -70,6 +70,7 @@ def _plain_file(path: pathlib.Path) -> dict:
 
 @pytest.mark.parametrize("dst", ["hrnet", "official", "timm", "mmcls"])
 @pytest.mark.parametrize("src", ["hrnet", "official", "timm", "mmcls", "paddle"])
+@pytest.mark.slow
 def test_any_format_to_any_format_reads_back_to_identical_weights_and_logits(tmp_path, x, sources, src, dst):
     sd, meta = load_checkpoint(sources[src])
     out = write_checkpoint(sd, tmp_path / f"out-{dst}", format=dst)
@@ -83,6 +84,7 @@ def test_any_format_to_any_format_reads_back_to_identical_weights_and_logits(tmp
     assert torch.equal(logits(written, x), logits(source, x))
 
 
+@pytest.mark.slow
 def test_w18_official_round_trip_and_timm_loads_it_strictly_with_equal_logits(tmp_path, x):
     model = randomize(create_model("hrnet-w18"), seed=23)
     ours = logits(model, x)
@@ -169,6 +171,7 @@ def test_feature_extractor_state_dict_writes_its_own_keys(tmp_path):
     assert content.keys() == _timm_features("incre").state_dict().keys()
 
 
+@pytest.mark.slow
 def test_bad_requests_are_refused_with_one_line_errors(tmp_path):
     sd = create_model(SMALL).state_dict()
     with pytest.raises(ValueError, match="cannot write the 'caffe' layout; one of hrnet, official, timm, mmcls, paddle"):
