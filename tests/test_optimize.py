@@ -333,6 +333,8 @@ def test_openvino_int8_runs_the_quantized_file_and_carries_metadata(onnx_files):
     assert float((ov - ort).abs().max()) / scale < 0.05
     assert float((ov - eager).abs().max()) / scale < 0.1  # int8, not a copy of the fp32 graph's output...
     assert float((ov - eager).abs().max()) / scale > 1e-4  # ...which would be within RTOL
+    one = clf.runner(x[:1])  # a single image runs on the batch-1 compilation
+    assert clf.runner._single is not None and float((one - ov[:1]).abs().max()) / scale < 0.05
     with pytest.raises(Exception, match="does not match this int8 file"):
         Classifier.build(model, checkpoint=int8, backend="openvino", precision="fp32")
 
