@@ -138,6 +138,7 @@ def test_every_library_entry_point_runs_the_precision_asked_for(setup, seen, tmp
     _ran(seen, precision)
 
 
+@pytest.mark.slow
 def test_predict_to_file_in_bf16_writes_what_predict_in_bf16_returns(setup, tmp_path):
     """The records of the streamed path and of the in-memory one, at one precision, are the same."""
     import json

@@ -124,6 +124,7 @@ def test_calibration_never_sees_the_held_out_images(run):
     assert run["report"]["held_out"] == {"images": 8, "source": "a seeded 20% of calib", "labelled": True}
 
 
+@pytest.mark.slow
 def test_report_agreement_and_accuracy_are_computed(run):
     """The reference accuracy recomputed by hand: the eager model on each held-out file, against its folder."""
     model, transform = run["model"], run["transform"]
@@ -212,6 +213,7 @@ def test_out_dir_runs_in_predict_eval_compare_and_bench(run, capsys):
     assert f"{b['backend']}:{b['precision']}" == run["report"]["chosen"] and b["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_out_dir_refuses_another_backend_or_model(run, capsys):
     code, _, err = _cli(capsys, "predict", "hrnet-w18-small", "--checkpoint", str(run["out"]), run["held"][0][0],
                         "--backend", "fused")
@@ -220,6 +222,7 @@ def test_out_dir_refuses_another_backend_or_model(run, capsys):
     assert code == 1 and "optimized for hrnet-w18-small" in err
 
 
+@pytest.mark.slow
 def test_out_dir_must_be_new_or_empty(run):
     with pytest.raises(opt.OptimizeError, match="not empty"):
         opt.optimize("hrnet-w18-small", run["out"], calib=run["digits"], checkpoint=run["root"] / "w.safetensors",
@@ -227,6 +230,7 @@ def test_out_dir_must_be_new_or_empty(run):
 
 
 @pytest.mark.parametrize("damage", ["escape", "symlink", "absolute", "huge", "unknown", "deep", "type", "missing"])
+@pytest.mark.slow
 def test_hostile_manifest_refused_in_one_line(run, tmp_path, capsys, damage):
     bad = tmp_path / "bad"
     bad.mkdir()

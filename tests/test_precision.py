@@ -67,6 +67,7 @@ def test_bf16_fused_runs_bf16_convolutions_and_returns_float32(setup):
     assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
 
 
+@pytest.mark.slow
 def test_bf16_eager_autocasts_the_model_as_built(setup):
     model, _, photos, _, _ = setup
     seen = []
@@ -98,6 +99,7 @@ def test_bf16_compile_compiles_a_bf16_channels_last_model(setup, monkeypatch):
     assert (out.argmax(1) == logits.argmax(1))[decisive].all()
 
 
+@pytest.mark.slow
 def test_bf16_predict_agrees_with_fp32_on_decisive_photos(setup, capsys):
     model, ckpt, photos, logits, _ = setup
     decisive = _decisive(logits)
@@ -114,6 +116,7 @@ def test_bf16_predict_agrees_with_fp32_on_decisive_photos(setup, capsys):
             assert records[str(p)] == int(logits[i].argmax())
 
 
+@pytest.mark.slow
 def test_int8_file_as_checkpoint_predicts_what_onnxruntime_computes(setup, capsys):
     _, _, photos, _, int8 = setup
     want = _ort_logits(int8, _inputs(photos)).softmax(1)
@@ -127,6 +130,7 @@ def test_int8_file_as_checkpoint_predicts_what_onnxruntime_computes(setup, capsy
         np.testing.assert_allclose([t["score"] for t in r["topk"]], expected.values, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_int8_file_as_checkpoint_evaluates_to_the_expected_accuracy(setup, tmp_path, capsys):
     _, _, photos, _, int8 = setup
     top1 = _ort_logits(int8, _inputs(photos)).argmax(1).tolist()
@@ -142,6 +146,7 @@ def test_int8_file_as_checkpoint_evaluates_to_the_expected_accuracy(setup, tmp_p
     assert (r["n"], r["top1"]) == (len(photos), pytest.approx(100.0 * evens / len(photos)))
 
 
+@pytest.mark.slow
 def test_serve_builds_from_an_int8_file_with_threads(setup):
     from hrnet.serve.app import build_classifier
 
@@ -157,6 +162,7 @@ def test_serve_builds_from_an_int8_file_with_threads(setup):
     assert torch.equal(clf.logits(x).argmax(1), _ort_logits(int8, x).argmax(1))
 
 
+@pytest.mark.slow
 def test_serve_defaults_to_the_fused_backend_for_bf16(setup):
     from hrnet.serve.app import build_classifier
 
@@ -175,6 +181,7 @@ def test_bench_runs_an_int8_file(setup, capsys):
     assert (r["backend"], r["precision"]) == ("onnxruntime", "int8")
 
 
+@pytest.mark.slow
 def test_bf16_without_native_support_warns(setup, monkeypatch):
     model = setup[0]
     monkeypatch.setattr(runners, "native_bf16_cpu", lambda: False)
@@ -202,6 +209,7 @@ def fp32_onnx(setup, tmp_path_factory):
     (["CHECKPOINT=bare"], "not an ONNX file written by hrnet export or hrnet quantize"),
     (["CHECKPOINT=int8", "--input-size", "96"], f"the file takes {CROP}x{CROP} images, not --input-size 96"),
 ])
+@pytest.mark.slow
 def test_unavailable_combinations_are_one_line_errors(setup, fp32_onnx, args, message, capsys):
     _, ckpt, photos, _, int8 = setup
     files = {"CHECKPOINT=fp32": fp32_onnx[0], "CHECKPOINT=bare": fp32_onnx[1], "CHECKPOINT=int8": int8}

@@ -99,6 +99,7 @@ def test_unreadable_calibration_files_are_skipped_and_counted(setup, tmp_path, c
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "all-broken", "method", "deps"])
+@pytest.mark.slow
 def test_bad_calibration_input_is_a_one_line_error(setup, tmp_path, capsys, monkeypatch, case):
     model, ckpt, _, _ = setup
     calib = tmp_path / "calib"
@@ -143,6 +144,7 @@ def assert_decisive(probs: torch.Tensor) -> None:
         "near-tied logits: the expected counts would not be robust"
 
 
+@pytest.mark.slow
 def test_compare_fp32_vs_int8_gives_the_independently_counted_agreement(setup, tmp_path):
     model, _, photos, int8 = setup
     fp32, q = independent_runs(model, photos, int8)
@@ -172,6 +174,7 @@ def test_compare_fp32_vs_int8_gives_the_independently_counted_agreement(setup, t
                                                     "top5": 100 * hits5 / len(photos)})
 
 
+@pytest.mark.slow
 def test_compare_of_identical_runs_agrees_fully(setup, capsys):
     _, ckpt, photos, _ = setup
     assert main(["compare", MODEL, "--checkpoint", str(ckpt), "--data", str(photos[0].parent), "eager", "eager",
@@ -184,12 +187,14 @@ def test_compare_of_identical_runs_agrees_fully(setup, capsys):
     assert r["top1_agreement"] == 100.0 and r["max_prob_diff"] < 1e-5
 
 
+@pytest.mark.slow
 def test_bf16_reaches_the_kernels(setup):
     model, _, photos, _ = setup
     r = compare(model, photos[0].parent, "fused", "fused:bf16", input_size=CROP)
     assert 1e-4 < r["max_prob_diff"] < 0.5  # rounded to 8 mantissa bits, yet the same model
 
 
+@pytest.mark.slow
 def test_compare_text_output_names_the_runs_and_the_differences(setup, capsys):
     _, ckpt, photos, int8 = setup
     assert main(["compare", MODEL, "--checkpoint", str(ckpt), "--data", str(photos[0].parent), "eager",
@@ -207,6 +212,7 @@ def test_compare_text_output_names_the_runs_and_the_differences(setup, capsys):
     ("fused:fp16", "fused:fp16: fp16 needs a GPU"),
     ("missing.onnx", "missing.onnx: ONNX file not found"),
 ])
+@pytest.mark.slow
 def test_bad_run_specs_are_one_line_errors(setup, spec, message, capsys):
     _, ckpt, photos, _ = setup
     assert main(["compare", MODEL, "--checkpoint", str(ckpt), "--data", str(photos[0].parent), "eager", spec]) == 1
@@ -214,18 +220,21 @@ def test_bad_run_specs_are_one_line_errors(setup, spec, message, capsys):
     assert err.startswith("hrnet: error: ") and message in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_parse_spec_reads_backend_precision_and_files(setup):
     assert (parse_spec("fused:bf16").backend, parse_spec("fused:bf16").precision) == ("fused", "bf16")
     assert parse_spec("onnxruntime").precision == "fp32"
     assert parse_spec(str(setup[3])).path == setup[3]
 
 
+@pytest.mark.slow
 def test_compare_rejects_an_int8_file_of_another_size(setup):
     model, _, photos, int8 = setup
     with pytest.raises(Exception, match=f"takes {CROP}x{CROP} images, not --input-size 96"):
         compare(model, photos[0].parent, "eager", str(int8), input_size=96)
 
 
+@pytest.mark.slow
 def test_quantize_onto_its_own_checkpoint_through_a_symlink_is_refused(setup, tmp_path, capsys):
     """Issue 22: ``hrnet quantize -o`` onto its input destroyed it; here the input is a symlink to the output."""
     _, ckpt, photos, _ = setup
@@ -248,6 +257,7 @@ def _relabelled(int8: Path, out: Path, model: str) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_compare_refuses_an_int8_file_of_another_model_as_predict_does(setup, tmp_path, capsys):
     """Issue 22: compare reported 0 % agreement for a file written for another model; predict refused it."""
     _, ckpt, photos, int8 = setup
