@@ -107,6 +107,13 @@ def run_limited(code: str, *args: str, extra_bytes: int = 1 << 30, timeout: floa
                           text=True, timeout=timeout, env=env)
 
 
+def torchrun_argv(*args: str, restarts: int = 0) -> list[str]:
+    """``torchrun`` on two local processes (``--standalone``) running ``args``, e.g. ``"-m", "hrnet", ...``;
+    a failed job's workers get 5 s to stop, not torchrun's 30."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "--max-restarts", str(restarts), "--shutdown-timeout", "5", *args]
+
+
 def _workers(parent: int) -> Iterator[tuple[int, list[bytes]]]:
     """(pid, environment) of every child process of ``parent``."""
     for entry in Path("/proc").iterdir():

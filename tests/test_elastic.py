@@ -13,7 +13,6 @@ All runs are tiny (hrnet-w18-small on 40 digits at 32 px, batches of 4 per proce
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from hrnet.training.rundir import EXIT_PREEMPTED, claim_run_dir
 from hrnet.training.state import checkpoints, load_state, save_state
 from hrnet.training.train import train
 
-from helpers import stop_rank_and_expect_one_line, worker_pid
+from helpers import stop_rank_and_expect_one_line, torchrun_argv, worker_pid
 from test_train import log_records
 from test_train_hardening import digits  # noqa: F401  (the same 32 px digits fixture)
 
@@ -55,11 +54,6 @@ def recipe(tmp_path: Path, digits: Path, run: str, *, epochs: int = 1, every: in
     path = tmp_path / f"{run}.yaml"
     path.write_text(CFG.format(data=digits, run=tmp_path / run, epochs=epochs, every=every, timeout=timeout))
     return path
-
-
-def torchrun(*args: str, restarts: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "--max-restarts", str(restarts), "--shutdown-timeout", "5", *args]
 
 
 def hrnet(*args: str) -> list[str]:
@@ -168,7 +162,7 @@ def test_sigterm_to_one_process_checkpoints_the_step_and_resume_continues(tmp_pa
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, digits):
     cfg = recipe(tmp_path, digits, "term2", epochs=2)
     run = tmp_path / "term2"
-    proc = subprocess.Popen(torchrun(*hrnet("train", str(cfg), "-q")), env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(torchrun_argv(*hrnet("train", str(cfg), "-q")), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for_step(run, 2, proc)
     os.kill(worker_pid(proc.pid, 1), signal.SIGTERM)  # one rank only: both must stop together
@@ -178,7 +172,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, d
     assert len(stopped) == 1, out[-3000:]
     step = stopped[0]["step"]
     assert load_state(checkpoints(run / "checkpoints")[-1])["step"] == step < 10
-    subprocess.run(torchrun(*hrnet("train", str(cfg), "-q", "--resume")), env=ENV, check=True, timeout=300,
+    subprocess.run(torchrun_argv(*hrnet("train", str(cfg), "-q", "--resume")), env=ENV, check=True, timeout=300,
                    capture_output=True)
     assert [r["step"] for r in log_records(run) if r["kind"] == "step"] == list(range(1, 11))
 
@@ -188,11 +182,11 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, d
 @pytest.mark.slow
 def test_a_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_with_the_same_weights(tmp_path, digits):
     straight = recipe(tmp_path, digits, "straight", epochs=2, every=2)
-    subprocess.run(torchrun(*hrnet("train", str(straight), "-q")), env=ENV, check=True, timeout=300,
+    subprocess.run(torchrun_argv(*hrnet("train", str(straight), "-q")), env=ENV, check=True, timeout=300,
                    capture_output=True)
     cfg = recipe(tmp_path, digits, "elastic", epochs=2, every=2)
     run = tmp_path / "elastic"
-    proc = subprocess.Popen(torchrun(*hrnet("train", str(cfg), "-q", "--resume", "auto"), restarts=2), env=ENV,
+    proc = subprocess.Popen(torchrun_argv(*hrnet("train", str(cfg), "-q", "--resume", "auto"), restarts=2), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(run, 7, proc)  # epoch 2 (steps 6-10), past the checkpoint of step 6
     os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
@@ -291,7 +285,7 @@ def test_a_resume_on_another_number_of_processes_sees_each_sample_once(tmp_path,
         cfg.write_text(cfg.read_text().replace("batch_size: 4", "batch_size: 8"))
 
     def launch(n: int, log: str, stop_after: int, mode: str) -> subprocess.CompletedProcess:
-        cmd = torchrun(str(driver)) if n == 2 else [sys.executable, str(driver)]
+        cmd = torchrun_argv(str(driver)) if n == 2 else [sys.executable, str(driver)]
         return subprocess.run([*cmd, str(cfg), str(tmp_path / log), str(stop_after), mode], env=ENV,
                               capture_output=True, text=True, timeout=300)
 
@@ -325,7 +319,7 @@ def test_a_global_batch_the_new_world_size_cannot_split_is_refused_with_the_opti
 def test_a_stopped_rank_ends_a_two_process_training_within_the_timeout(tmp_path, digits):
     cfg = recipe(tmp_path, digits, "hung", epochs=3, timeout=5)
     run = tmp_path / "hung"
-    proc = subprocess.Popen(torchrun(*hrnet("train", str(cfg), "-q")), env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(torchrun_argv(*hrnet("train", str(cfg), "-q")), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for_step(run, 2, proc)
     stop_rank_and_expect_one_line(proc, 1, timeout_s=5)

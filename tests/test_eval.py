@@ -22,7 +22,7 @@ from hrnet.data import imagenet_names, imagenet_wnids
 from hrnet.inference.evaluate import evaluate
 from hrnet.inference.predict import predict
 from hrnet.weights import save_checkpoint
-from helpers import stop_rank_and_expect_one_line, worker_pid
+from helpers import stop_rank_and_expect_one_line, torchrun_argv, worker_pid
 from test_data import make_bad_corpus
 from test_predict import CROP, FAST, MODEL, model_and_photos
 
@@ -134,8 +134,7 @@ def test_torchrun_two_processes_equal_one_on_an_odd_count(setup, tmp_path, capsy
     argv = ["eval", MODEL, "--checkpoint", str(ckpt), "--data", str(data), "--json", *FAST]
     single = run_eval(*argv[2:-len(FAST) - 1], capsys=capsys)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "hrnet", *argv], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(torchrun_argv("-m", "hrnet", *argv), capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dist = json.loads(proc.stdout)
     for key in ("top1", "top5", "n", "skipped"):
@@ -179,10 +178,9 @@ def test_a_stopped_rank_ends_a_torchrun_eval_within_the_timeout(setup, tmp_path)
         Image.fromarray(rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)).save(data / f"{i:02d}.jpg", quality=90)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path),
            "HRNET_COLLECTIVE_TIMEOUT_S": "5"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "--shutdown-timeout", "5", "-m", "hrnet", "eval", MODEL, "--checkpoint", str(setup[1]), "--data",
-                             str(tmp_path / "val"), "--batch-size", "1", *FAST], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(torchrun_argv("-m", "hrnet", "eval", MODEL, "--checkpoint", str(setup[1]), "--data",
+                                          str(tmp_path / "val"), "--batch-size", "1", *FAST),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     rank1 = None
     while rank1 is None or not _open_under(rank1, data):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_limited, stop_rank_and_expect_one_line
+from helpers import run_limited, stop_rank_and_expect_one_line, torchrun_argv
 from hrnet.cli import main
 from hrnet.inference.batch import part_path
 from hrnet.inference.predict import predict
@@ -124,7 +124,7 @@ def test_a_run_killed_mid_way_resumes_to_every_file_once(setup, tmp_path, capsys
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, (proc.stderr or proc.stdout).read()
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -149,8 +149,7 @@ def test_resume_from_parts_of_an_interrupted_torchrun_in_one_process(setup, tmp_
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "hrnet", *args], capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(torchrun_argv("-m", "hrnet", *args), capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -222,6 +221,15 @@ def test_output_of_only_bad_files_holds_their_errors_and_fails(setup, tmp_path, 
     assert read_lines(out) == expected[-2:]
 
 
+def _copies(ckpt: Path, inputs: list[str], tmp_path: Path, n: int) -> tuple[Path, list[dict]]:
+    """``tmp_path/many``: ``n`` copies of the photo folder (enough work for a run to be caught mid-way),
+    and the records hrnet.predict gives for it."""
+    many = tmp_path / "many"
+    for i in range(n):
+        shutil.copytree(Path(inputs[0]), many / f"copy{i}")
+    return many, predict(MODEL, [str(many)], checkpoint=ckpt, input_size=CROP, workers=0)
+
+
 def _start(ckpt: Path, inputs: list[str], out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "hrnet", *argv(ckpt, inputs, out, "--batch-size", "1", *extra)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -239,10 +247,7 @@ def test_a_second_run_on_one_output_is_refused_naming_the_first_and_a_kill_resum
     """Issue 22: two runs on one --output doubled every record. The second is refused in one line with
     the first one's pid; after the first is killed -9, --resume leaves each input exactly once."""
     ckpt, inputs, expected = setup
-    many = tmp_path / "many"
-    for i in range(6):
-        shutil.copytree(Path(inputs[0]), many / f"copy{i}")
-    full = predict(MODEL, [str(many)], checkpoint=ckpt, input_size=CROP, workers=0)
+    many, full = _copies(ckpt, inputs, tmp_path, 6)
     out = tmp_path / "preds.jsonl"
     first = _start(ckpt, [str(many)], out)
     try:
@@ -266,10 +271,7 @@ def test_concurrent_resumes_never_lose_or_double_a_record(setup, tmp_path):
     """Issue 22: two --resume runs at once lost records, exit 0. Now at most one runs at a time; the other
     is refused in one line, and whatever mix happened, the file ends with every input exactly once."""
     ckpt, inputs, _ = setup
-    many = tmp_path / "many"
-    for i in range(4):
-        shutil.copytree(Path(inputs[0]), many / f"copy{i}")
-    full = predict(MODEL, [str(many)], checkpoint=ckpt, input_size=CROP, workers=0)
+    many, full = _copies(ckpt, inputs, tmp_path, 4)
     out = tmp_path / "preds.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in full[:3]))
     procs = [_start(ckpt, [str(many)], out, "--resume") for _ in range(2)]
@@ -290,14 +292,9 @@ def test_a_stopped_rank_ends_a_torchrun_run_within_the_timeout_and_resume_keeps_
     within the collective timeout in one line naming it; every record written before is kept, and
     --resume in one process writes the rest, each input once."""
     ckpt, inputs, _ = setup
-    many = tmp_path / "many"
-    for i in range(6):
-        shutil.copytree(Path(inputs[0]), many / f"copy{i}")
-    full = predict(MODEL, [str(many)], checkpoint=ckpt, input_size=CROP, workers=0)
+    many, full = _copies(ckpt, inputs, tmp_path, 6)
     out = tmp_path / "preds.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "--shutdown-timeout", "5", "-m", "hrnet",
-                             *argv(ckpt, [str(many)], out, "--batch-size", "1")],
+    proc = subprocess.Popen(torchrun_argv("-m", "hrnet", *argv(ckpt, [str(many)], out, "--batch-size", "1")),
                             env={**ENV, "HRNET_COLLECTIVE_TIMEOUT_S": "5"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     _wait_for_lines(part_path(out, 1, 2), proc, 2, time.monotonic() + 120)

@@ -79,10 +79,11 @@ class OpenVINORunner:
     def _compile(self, single_shape: tuple[int, ...] | None = None):
         """The CPU plugin's compilation of the file, with the batch fixed to 1 for ``single_shape``."""
         try:
-            model = self.ov.Core().read_model(str(self.path))
+            core = self.ov.Core()
+            model = core.read_model(str(self.path))
             if single_shape is not None:
                 model.reshape({model.inputs[0].get_any_name(): list(single_shape)})
-            return self.ov.Core().compile_model(model, "CPU", self.config)
+            return core.compile_model(model, "CPU", self.config)
         except Exception as e:  # OpenVINO raises RuntimeError with a multi-line report for a bad file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BackendError(f"{self.path}: OpenVINO cannot load it ({type(e).__name__}: {first[:200]})") from None
